@@ -1,0 +1,1 @@
+"""kubetune's control plane: the typed API, manifest rendering, the kopf operator and the CLI."""
