@@ -13,6 +13,7 @@ Errors are :class:`Problem` values with a field path such as ``spec.training.lea
 from __future__ import annotations
 
 import functools
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -78,20 +79,29 @@ def prune_nulls(value: Any) -> Any:
 
 
 def _format_loc(loc: tuple[int | str, ...], data: Any) -> str:
-    """Turn a pydantic error location into a field path, dropping union tags pydantic inserts."""
+    """Turn a pydantic error location into a field path, dropping union tags pydantic inserts.
+
+    Pydantic puts a discriminated union's tag (e.g. ``judge``) into the location right after
+    the union field; it is recognised as the first segment equal to the object's ``type``,
+    once per object (a judge suite also has a field named ``judge``).
+    """
     parts: list[str] = []
     current = data
+    tag_skipped = False
     for segment in loc:
         if isinstance(segment, int):
             parts.append(f"[{segment}]")
             current = (
                 current[segment] if isinstance(current, list) and segment < len(current) else None
             )
+            tag_skipped = False
             continue
-        if isinstance(current, dict) and segment not in current and current.get("type") == segment:
-            continue  # the discriminated-union tag pydantic adds to the location
+        if not tag_skipped and isinstance(current, dict) and current.get("type") == segment:
+            tag_skipped = True
+            continue
         parts.append(f".{segment}" if parts else segment)
         current = current.get(segment) if isinstance(current, dict) else None
+        tag_skipped = False
     return "".join(parts)
 
 
@@ -168,6 +178,25 @@ def _walk_rules(
             yield from _walk_rules(schema["items"], item, None, f"{path}[{index}]")
 
 
+def _duplicate_keys(schema: dict[str, Any], value: Any, path: str) -> Iterator[Problem]:
+    """Entries of ``x-kubernetes-list-type: map`` lists must have unique keys (API server rule)."""
+    if isinstance(value, dict):
+        for name, sub in schema.get("properties", {}).items():
+            if name in value:
+                yield from _duplicate_keys(sub, value[name], f"{path}.{name}" if path else name)
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        keys = schema.get("x-kubernetes-list-map-keys", [])
+        seen: set[tuple[Any, ...]] = set()
+        for index, item in enumerate(value):
+            if schema.get("x-kubernetes-list-type") == "map" and isinstance(item, dict):
+                key = tuple(item.get(k) for k in keys)
+                if key in seen:
+                    shown = ", ".join(f"{k}={v!r}" for k, v in zip(keys, key, strict=True))
+                    yield Problem(f"{path}[{index}]", f"duplicate entry with {shown}")
+                seen.add(key)
+            yield from _duplicate_keys(schema["items"], item, f"{path}[{index}]")
+
+
 def cel_problems(
     kind: str, obj: dict[str, Any], old: dict[str, Any] | None = None
 ) -> list[Problem]:
@@ -183,7 +212,7 @@ def cel_problems(
         One :class:`Problem` per failing rule, at the rule's node plus its ``fieldPath``.
     """
     schema = _schema(kind)
-    problems = []
+    problems = list(_duplicate_keys(schema, obj, ""))
     for path, rule, value, old_value in _walk_rules(schema, obj, old, ""):
         is_transition = "oldSelf" in rule["rule"]
         if is_transition and old_value is None:
@@ -240,18 +269,33 @@ def parse_manifest(doc: Any, old: dict[str, Any] | None = None) -> ApiModel:
         raise ManifestInvalid(
             [Problem("kind", f"expected one of {', '.join(KINDS)}, got {kind!r}")]
         )
-    secrets = list(_credential_values(doc.get("spec"), "spec"))
+    secrets = list(_credential_values(doc, ""))
     if secrets:
         raise ManifestInvalid(secrets)
+    model_type = KINDS[kind].model
     try:
-        model = KINDS[kind].model.model_validate(doc)
+        # JSON mode + strict: the API server's typing ("3" is not an integer, "yes" is not a
+        # boolean), while ISO timestamps still parse.
+        model = model_type.model_validate_json(json.dumps(doc), strict=True)
     except ValidationError as exc:
         raise ManifestInvalid(_pydantic_problems(exc, doc)) from None
     stored = model.model_dump(by_alias=True, exclude_none=True, mode="json")
-    problems = cel_problems(kind, stored, old)
+    problems = cel_problems(kind, stored, _stored_form(model_type, old))
     if problems:
         raise ManifestInvalid(problems)
     return model
+
+
+def _stored_form(model_type: type[ApiModel], old: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The previous object as the API server holds it: nulls pruned, defaults applied."""
+    if old is None:
+        return None
+    old = prune_nulls(old)
+    try:
+        parsed = model_type.model_validate_json(json.dumps(old), strict=True)
+    except ValidationError:
+        return old
+    return parsed.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
 def load_documents(text: str) -> list[Any]:

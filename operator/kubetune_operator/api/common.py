@@ -443,10 +443,12 @@ CONDITIONS_FIELD_EXTRA: dict[str, Any] = {
 }
 
 
-class ObjectMeta(BaseModel):
-    """The parts of metav1.ObjectMeta that kubetune reads; the API server owns the rest."""
+class ObjectMeta(ApiModel):
+    """metav1.ObjectMeta: the fields kubetune reads are typed, the rest are accepted as-is.
 
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+    Unknown fields are rejected, as kubectl's strict field validation does (``metadata.lables``
+    is a typo, not a new field).
+    """
 
     name: Annotated[str, StringConstraints(pattern=DNS_LABEL_PATTERN, max_length=63)] = Field(
         description=(
@@ -454,9 +456,19 @@ class ObjectMeta(BaseModel):
             "pod hostnames are derived from it)."
         )
     )
+    generate_name: str | None = Field(default=None, description="Name prefix (not supported).")
     namespace: DNSLabel | None = Field(default=None, description="Namespace of the resource.")
     uid: str | None = Field(default=None, description="UID assigned by the API server.")
     generation: int | None = Field(default=None, description="Spec generation.")
     resource_version: str | None = Field(default=None, description="Resource version.")
+    creation_timestamp: str | None = Field(default=None, description="Creation time.")
+    deletion_timestamp: str | None = Field(default=None, description="Deletion time.")
+    deletion_grace_period_seconds: int | None = Field(default=None, description="Grace period.")
     labels: dict[str, str] | None = Field(default=None, description="Labels.")
     annotations: dict[str, str] | None = Field(default=None, description="Annotations.")
+    owner_references: list[dict[str, Any]] | None = Field(default=None, description="Owners.")
+    finalizers: list[str] | None = Field(default=None, description="Finalizers.")
+    managed_fields: list[dict[str, Any]] | None = Field(
+        default=None, description="Server-side apply field ownership."
+    )
+    self_link: str | None = Field(default=None, description="Deprecated self link.")

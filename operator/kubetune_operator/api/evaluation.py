@@ -49,6 +49,17 @@ class TaskAccuracySuite(_SuiteBase):
     Metric: ``exactMatch`` (fraction in [0, 1]); higher is better.
     """
 
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            cel(
+                "(has(self.answerExtraction) && self.answerExtraction == 'regex') == "
+                "has(self.answerPattern)",
+                "answerPattern is required by, and only used with, answerExtraction regex",
+                field_path=".answerPattern",
+            )
+        )
+    )
+
     type: Literal["taskAccuracy"] = Field(description="Suite type.")
     dataset: DataSource = Field(
         description="Prompts with reference answers (promptCompletion or alpaca format)."
