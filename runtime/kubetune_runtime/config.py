@@ -117,7 +117,7 @@ class TrainingConfig(_Config):
     max_steps: int | None = Field(default=None, ge=1)
     learning_rate: float = Field(default=2e-4, gt=0)
     lr_scheduler_type: str = "cosine"
-    warmup_ratio: float | None = Field(default=None, ge=0, le=1)
+    warmup_ratio: float | None = Field(default=None, ge=0, le=0.5)
     warmup_steps: int | None = Field(default=None, ge=0)
     per_device_train_batch_size: int = Field(default=1, ge=1)
     gradient_accumulation_steps: int = Field(default=1, ge=1)

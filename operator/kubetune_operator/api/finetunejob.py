@@ -258,7 +258,7 @@ class TrainingSpec(ApiModel):
     warmup_ratio: Decimal | None = Field(
         default=None,
         description="Fraction of steps spent warming up. Default: 0.03 when no warmupSteps.",
-        json_schema_extra=_decimal_range("0.0", "1.0", low_open=False, name="warmupRatio"),
+        json_schema_extra=_decimal_range("0.0", "0.5", low_open=False, name="warmupRatio"),
     )
     warmup_steps: int | None = Field(default=None, ge=0, description="Warm-up steps.")
     per_device_train_batch_size: int = Field(

@@ -1,0 +1,1 @@
+"""Data: read rows, map each format to conversations, tokenize and pack."""

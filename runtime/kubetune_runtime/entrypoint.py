@@ -1,0 +1,150 @@
+"""``kubetune-runtime``: the program in the pod.
+
+    kubetune-runtime train --config /etc/kubetune/run.json [--workdir /workspace]
+
+Steps: parse arguments, validate the RunConfig, configure logging (INFO on rank 0 only), run
+the recipe, write a short JSON result to the termination-message path and stdout. A run that
+needs several processes and was not started by a launcher re-executes itself under torchrun.
+Nothing happens at import time; the training stack is imported by the recipe.
+
+Exit status: 0 succeeded; 1 failed (one line on stderr says why); 2 usage or config error;
+128 + signal when stopped by SIGTERM/SIGINT after checkpointing (the next start resumes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from kubetune_runtime.config import RunConfig
+from kubetune_runtime.errors import ConfigInvalid, RuntimeFailure
+from kubetune_runtime.result import RunResult, write_result
+from kubetune_runtime.training.distributed import needs_launcher, process_info, torchrun_command
+
+log = logging.getLogger("kubetune")
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def configure_logging(rank: int) -> None:
+    """Kubernetes-style log lines; INFO on rank 0, WARNING elsewhere (nanochat's print0)."""
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    # bitsandbytes warns on every CPU import that an optional kernels package is missing.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    for noisy in ("httpx", "urllib3", "botocore", "boto3", "s3transfer", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kubetune-runtime", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("train", "fine-tune and publish a verified artifact"),):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("--config", type=Path, required=True, help="RunConfig JSON file")
+        cmd.add_argument(
+            "--workdir",
+            type=Path,
+            default=Path(os.environ.get("KUBETUNE_WORKDIR", "/tmp/kubetune")),  # noqa: S108
+            help="scratch space for downloads and checkpoints (default: $KUBETUNE_WORKDIR)",
+        )
+    return parser
+
+
+def _load(path: Path) -> RunConfig:
+    try:
+        return RunConfig.model_validate_json(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SystemExit(f"cannot read {path}: {exc.strerror}") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise SystemExit(f"invalid RunConfig {path}: {where}: {first['msg']}") from None
+
+
+def _relaunch(config: RunConfig, args: argparse.Namespace) -> int:
+    """Run the same command under torchrun; report a failure no worker reported."""
+    result_path = Path(config.result_path)
+    before = result_path.stat().st_mtime_ns if result_path.exists() else None
+    argv = ["-m", "kubetune_runtime.entrypoint", args.command, "--config", str(args.config)]
+    argv += ["--workdir", str(args.workdir)]
+    command = torchrun_command(config.distributed, argv)
+    log.info("Launching %d processes: %s", config.distributed.processes_per_node, " ".join(command))
+    code = subprocess.call(command)  # noqa: S603 - our own interpreter and module
+    after = result_path.stat().st_mtime_ns if result_path.exists() else None
+    if code != 0 and (after is None or after == before):
+        write_result(
+            RunResult(
+                status="Failed",
+                reason="TrainingFailed",
+                message=f"a training process exited with status {code} without a result",
+            ),
+            config.result_path,
+        )
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``kubetune-runtime``; returns the exit status."""
+    args = _parser().parse_args(argv)
+    proc = process_info()
+    configure_logging(proc.rank)
+    try:
+        config = _load(args.config)
+    except SystemExit as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    if args.command == "train" and needs_launcher(config.distributed):
+        return _relaunch(config, args)
+
+    result = _run(config, args.command, args.workdir)
+    if proc.is_main:
+        write_result(result, config.result_path)
+    if result.status == "Succeeded":
+        return 0
+    print(f"kubetune-runtime: {result.reason}: {result.message}", file=sys.stderr)
+    if result.status == "Interrupted":
+        signum = signal.SIGINT if result.reason == "SIGINT" else signal.SIGTERM
+        return 128 + int(signum)
+    return EXIT_FAILED
+
+
+def _run(config: RunConfig, command: str, workdir: Path) -> RunResult:
+    """Run the recipe and turn every outcome into a RunResult."""
+    try:
+        if config.task != command:
+            raise ConfigInvalid(f"the RunConfig is for task {config.task}, not {command}")
+        if config.evaluation is not None:
+            raise ConfigInvalid(
+                "evaluation after training is not supported by this runtime version; remove "
+                "spec.evaluation or run an EvalJob"
+            )
+        from kubetune_runtime.recipes import train  # noqa: PLC0415
+
+        return train.run(config, workdir=workdir)
+    except RuntimeFailure as exc:
+        log.error("%s: %s", exc.reason, exc)
+        return RunResult(status="Failed", reason=exc.reason, message=str(exc))
+    except KeyboardInterrupt:
+        return RunResult(status="Interrupted", reason="SIGINT", message="stopped before training")
+    except Exception as exc:
+        log.exception("unexpected failure")
+        reason = "TrainingFailed" if command == "train" else "EvaluationFailed"
+        return RunResult(status="Failed", reason=reason, message=f"{type(exc).__name__}: {exc}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Evaluation: metrics (pure) and the harness that runs suites on a model."""

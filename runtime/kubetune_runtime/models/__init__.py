@@ -1,0 +1,1 @@
+"""Models: load base models (dtype, quantization), build adapters, tiny test models."""

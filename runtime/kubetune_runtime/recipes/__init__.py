@@ -1,0 +1,1 @@
+"""Recipes: one readable program per task (train, evaluate, merge)."""

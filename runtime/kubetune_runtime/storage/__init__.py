@@ -1,0 +1,1 @@
+"""Storage: URIs, backends (local, S3, Hub), verified publishing and downloads."""

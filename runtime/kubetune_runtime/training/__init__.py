@@ -1,0 +1,1 @@
+"""Training steps shared by the recipes: arguments, callbacks, checkpoints, distribution."""
