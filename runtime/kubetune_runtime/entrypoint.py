@@ -1,14 +1,20 @@
 """``kubetune-runtime``: the program in the pod.
 
     kubetune-runtime train --config /etc/kubetune/run.json [--workdir /workspace]
+    kubetune-runtime evaluate --config /etc/kubetune/run.json [--workdir /workspace]
 
 Steps: parse arguments, validate the RunConfig, configure logging (INFO on rank 0 only), run
 the recipe, write a short JSON result to the termination-message path and stdout. A run that
 needs several processes and was not started by a launcher re-executes itself under torchrun.
 Nothing happens at import time; the training stack is imported by the recipe.
 
-Exit status: 0 succeeded; 1 failed (one line on stderr says why); 2 usage or config error;
-128 + signal when stopped by SIGTERM/SIGINT after checkpointing (the next start resumes).
+Exit status: 0 succeeded; 1 failed, may succeed on retry (one line on stderr says why);
+2 unreadable or invalid RunConfig (a ConfigInvalid result is still written); 3 failed
+permanently (invalid data, config or artifact). The Job's podFailurePolicy retries neither 2
+nor 3. 128 + signal when stopped by SIGTERM/SIGINT after checkpointing (the next start
+resumes).
+
+Environment: ``KUBETUNE_RESULT_PATH`` overrides where the result JSON is written (local runs).
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ log = logging.getLogger("kubetune")
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_PERMANENT = 3  # invalid data or config: retrying cannot help (the Job's podFailurePolicy)
+PERMANENT_REASONS = frozenset({"DataInvalid", "ConfigInvalid", "ArtifactInvalid"})
 
 
 def configure_logging(rank: int) -> None:
@@ -52,7 +60,10 @@ def configure_logging(rank: int) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubetune-runtime", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("train", "fine-tune and publish a verified artifact"),):
+    for name, text in (
+        ("train", "fine-tune, publish a verified artifact, then evaluate when asked"),
+        ("evaluate", "evaluate base vs base + adapter and decide the gates"),
+    ):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("--config", type=Path, required=True, help="RunConfig JSON file")
         cmd.add_argument(
@@ -69,6 +80,8 @@ def _load(path: Path) -> RunConfig:
         return RunConfig.model_validate_json(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise SystemExit(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise SystemExit(f"invalid RunConfig {path}: not UTF-8 text") from None
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
@@ -76,16 +89,43 @@ def _load(path: Path) -> RunConfig:
 
 
 def _relaunch(config: RunConfig, args: argparse.Namespace) -> int:
-    """Run the same command under torchrun; report a failure no worker reported."""
+    """Run the same command under torchrun, forward SIGTERM/SIGINT, and report its outcome.
+
+    torchrun exits 1 whenever a worker fails, so the exit status is derived from the result
+    the main worker wrote (a permanent failure stays 3, an interrupted run 128 + signal); a
+    failure no worker reported becomes a TrainingFailed result here.
+    """
     result_path = Path(config.result_path)
     before = result_path.stat().st_mtime_ns if result_path.exists() else None
     argv = ["-m", "kubetune_runtime.entrypoint", args.command, "--config", str(args.config)]
     argv += ["--workdir", str(args.workdir)]
     command = torchrun_command(config.distributed, argv)
     log.info("Launching %d processes: %s", config.distributed.processes_per_node, " ".join(command))
-    code = subprocess.call(command)  # noqa: S603 - our own interpreter and module
+    # torchrun SIGKILLs workers this long after forwarding SIGTERM: give them the time to save.
+    env = {
+        **os.environ,
+        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600"),
+    }
+    child = subprocess.Popen(command, env=env)  # noqa: S603 - our own interpreter and module
+
+    def forward(signum: int, frame: object) -> None:
+        child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     after = result_path.stat().st_mtime_ns if result_path.exists() else None
-    if code != 0 and (after is None or after == before):
+    if after is not None and after != before:
+        try:
+            result = RunResult.model_validate_json(result_path.read_text(encoding="utf-8"))
+        except (OSError, ValidationError):
+            result = None
+        if result is not None:
+            return _exit_code(result)
+    if code != 0:
         write_result(
             RunResult(
                 status="Failed",
@@ -97,6 +137,15 @@ def _relaunch(config: RunConfig, args: argparse.Namespace) -> int:
     return code
 
 
+def _exit_code(result: RunResult) -> int:
+    if result.status == "Succeeded":
+        return 0
+    if result.status == "Interrupted":
+        signum = signal.SIGINT if result.reason == "SIGINT" else signal.SIGTERM
+        return 128 + int(signum)
+    return EXIT_PERMANENT if result.reason in PERMANENT_REASONS else EXIT_FAILED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``kubetune-runtime``; returns the exit status."""
     args = _parser().parse_args(argv)
@@ -106,20 +155,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = _load(args.config)
     except SystemExit as exc:
         print(exc, file=sys.stderr)
+        if proc.is_main:  # the pod still reports why (the config can never work: not retried)
+            write_result(
+                RunResult(status="Failed", reason="ConfigInvalid", message=str(exc)),
+                os.environ.get("KUBETUNE_RESULT_PATH", "/dev/termination-log"),
+            )
         return EXIT_USAGE
+    if os.environ.get("KUBETUNE_RESULT_PATH"):  # local runs: no /dev/termination-log
+        config = config.model_copy(update={"result_path": os.environ["KUBETUNE_RESULT_PATH"]})
     if args.command == "train" and needs_launcher(config.distributed):
         return _relaunch(config, args)
 
     result = _run(config, args.command, args.workdir)
     if proc.is_main:
         write_result(result, config.result_path)
-    if result.status == "Succeeded":
-        return 0
-    print(f"kubetune-runtime: {result.reason}: {result.message}", file=sys.stderr)
-    if result.status == "Interrupted":
-        signum = signal.SIGINT if result.reason == "SIGINT" else signal.SIGTERM
-        return 128 + int(signum)
-    return EXIT_FAILED
+    if result.status != "Succeeded":
+        print(f"kubetune-runtime: {result.reason}: {result.message}", file=sys.stderr)
+    return _exit_code(result)
 
 
 def _run(config: RunConfig, command: str, workdir: Path) -> RunResult:
@@ -127,11 +179,10 @@ def _run(config: RunConfig, command: str, workdir: Path) -> RunResult:
     try:
         if config.task != command:
             raise ConfigInvalid(f"the RunConfig is for task {config.task}, not {command}")
-        if config.evaluation is not None:
-            raise ConfigInvalid(
-                "evaluation after training is not supported by this runtime version; remove "
-                "spec.evaluation or run an EvalJob"
-            )
+        if command == "evaluate":
+            from kubetune_runtime.recipes import evaluate  # noqa: PLC0415
+
+            return evaluate.run(config, workdir=workdir)
         from kubetune_runtime.recipes import train  # noqa: PLC0415
 
         return train.run(config, workdir=workdir)

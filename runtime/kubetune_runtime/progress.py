@@ -11,6 +11,7 @@ never fails the run: an unreachable endpoint is logged once per outage.
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import math
@@ -58,7 +59,12 @@ class ProgressUpdate:
             "tokensPerSecond": self.tokens_per_second,
             "etaSeconds": self.eta_seconds,
         }
-        return {k: v for k, v in fields.items() if v is not None}
+        # NaN/inf are not JSON and not valid status numbers: leave them out.
+        return {
+            k: v
+            for k, v in fields.items()
+            if v is not None and not (isinstance(v, float) and not math.isfinite(v))
+        }
 
 
 class ProgressSink(Protocol):
@@ -141,7 +147,7 @@ class HttpSink:
             )
             with urllib.request.urlopen(request, timeout=self._timeout):  # noqa: S310
                 pass
-        except (OSError, urllib.error.URLError) as exc:
+        except (OSError, urllib.error.URLError, http.client.HTTPException, ValueError) as exc:
             if not self._failing:
                 log.warning("progress endpoint unreachable (%s); training continues", exc)
             self._failing = True

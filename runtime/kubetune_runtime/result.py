@@ -37,18 +37,31 @@ class RunResult(BaseModel):
     checkpoint: dict[str, Any] | None = None
 
     def to_json(self, limit: int = TERMINATION_LIMIT_BYTES) -> str:
-        """Compact JSON no longer than ``limit`` bytes: drops bulky parts first, then cuts."""
+        """Compact JSON of at most ``limit`` bytes (UTF-8).
+
+        Bulky parts go first, then the message is shortened, measured in encoded bytes so
+        JSON escaping and non-ASCII text cannot overflow the limit.
+        """
         data = self.model_dump(exclude_none=True)
-        text = json.dumps(data, separators=(",", ":"), sort_keys=True)
-        for bulky in ("evaluation", "metrics", "checkpoint"):
+
+        def dump(d: dict[str, Any]) -> str:
+            return json.dumps(d, separators=(",", ":"), sort_keys=True, allow_nan=False)
+
+        text = dump(data)
+        for bulky in ("evaluation", "metrics", "checkpoint", "artifact"):
             if len(text.encode()) <= limit:
-                break
+                return text
             data.pop(bulky, None)
-            text = json.dumps(data, separators=(",", ":"), sort_keys=True)
-        if len(text.encode()) > limit:
-            data["message"] = data.get("message", "")[: max(0, limit // 2)]
-            text = json.dumps(data, separators=(",", ":"), sort_keys=True)
-        return text
+            text = dump(data)
+        message = data.get("message", "")
+        low, high = 0, len(message)
+        while low < high:  # the longest prefix of the message that fits
+            mid = (low + high + 1) // 2
+            if len(dump({**data, "message": message[:mid]}).encode()) <= limit:
+                low = mid
+            else:
+                high = mid - 1
+        return dump({**data, "message": message[:low]})
 
 
 def write_result(result: RunResult, termination_path: str | None) -> None:

@@ -149,7 +149,7 @@ def test_bad_row_fails_before_training_naming_the_row(tmp_path: Path, tiny_model
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     config = run_config(tmp_path, tiny_model_dir, data={"train": {"uri": data.as_uri()}})
     code, result, _ = run_runtime(tmp_path, config)
-    assert code == 1
+    assert code == 3  # permanent: the Job's podFailurePolicy does not retry it
     assert result is not None
     assert result.reason == "DataInvalid"
     assert "row 2" in result.message
@@ -165,7 +165,7 @@ def test_unknown_target_module_is_refused_before_training(
         tmp_path, tiny_model_dir, lora={"r": 8, "lora_alpha": 16, "target_modules": ["qkv_proj"]}
     )
     code, result, _ = run_runtime(tmp_path, config)
-    assert code == 1
+    assert code == 3
     assert result is not None
     assert result.reason == "ConfigInvalid"
     assert "qkv_proj" in result.message
@@ -227,7 +227,8 @@ def test_sigterm_checkpoints_and_the_rerun_resumes_the_same_loss_curve(
     first = progress_losses(run_dir / "work")
     stopped_at = max(first)
     assert stopped_at < steps
-    assert (run_dir / "out" / "checkpoints" / f"checkpoint-{stopped_at}" / "_COMPLETE").is_file()
+    (run_folder,) = (run_dir / "out" / "checkpoints").iterdir()  # run-<config digest>
+    assert (run_folder / f"checkpoint-{stopped_at}" / "_COMPLETE").is_file()
     assert not (run_dir / "out" / "adapter").exists()
 
     (run_dir / "work" / "progress.jsonl").unlink()

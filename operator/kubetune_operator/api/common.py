@@ -391,7 +391,7 @@ class RunPolicy(ApiModel):
             "resource itself and its status are kept, so GitOps tools do not recreate it."
         ),
     )
-    run_id: Annotated[str, StringConstraints(pattern=DNS_LABEL_PATTERN, max_length=63)] | None = (
+    run_id: Annotated[str, StringConstraints(pattern=DNS_LABEL_PATTERN, max_length=40)] | None = (
         Field(
             default=None,
             description=(

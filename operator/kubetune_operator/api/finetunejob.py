@@ -433,6 +433,11 @@ class FineTuneJobSpec(RunPolicy):
                 field_path=".quantization",
             ),
             cel(
+                "self.method != 'full' || !has(self.evaluation)",
+                "spec.evaluation evaluates adapters; for method full run an EvalJob later",
+                field_path=".evaluation",
+            ),
+            cel(
                 "self.method != 'full' || !has(self.lora)",
                 "method full trains all weights; remove spec.lora or use method lora",
                 field_path=".lora",

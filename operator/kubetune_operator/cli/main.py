@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kubetune_operator import crdgen
+from kubetune_operator.overrides import OverrideError
 from kubetune_operator.validation import ManifestInvalid, load_documents, parse_manifest
 
 
@@ -76,6 +77,25 @@ def _crds(output: Path, check: bool) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from kubetune_operator import localrun  # noqa: PLC0415 - only `run` needs it
+
+    try:
+        return localrun.execute(
+            args.manifest,
+            workdir=args.workdir,
+            overrides=args.overrides,
+            s3_endpoint=args.s3_endpoint,
+        )
+    except ManifestInvalid as exc:
+        for problem in exc.problems:
+            print(f"{args.manifest}: {problem}", file=sys.stderr)
+        return 1
+    except (localrun.LocalRunError, OverrideError, OSError) as exc:
+        print(f"{args.manifest}: {exc}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `kubetune` (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(
@@ -89,6 +109,34 @@ def build_parser() -> argparse.ArgumentParser:
         "Each error names the file, the document, the field path and what was expected.",
     )
     validate.add_argument("files", nargs="+", metavar="FILE", help="YAML or JSON files; - is stdin")
+    run = sub.add_parser(
+        "run",
+        help="run a FineTuneJob or EvalJob on this machine exactly as its pod would",
+        description="Validate the manifest, render the pod's command and RunConfig as the "
+        "operator does, and run it here (CPU or local GPU). Ctrl-C checkpoints; running the "
+        "same command again resumes.",
+    )
+    run.add_argument("manifest", type=Path, help="a FineTuneJob or EvalJob manifest")
+    run.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(".kubetune"),
+        help="local state: jobs/<ns>/<kind>/<name>/ and the embedded S3 under s3/ "
+        "(default: .kubetune)",
+    )
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD.PATH=VALUE",
+        help="override a manifest field, e.g. --set spec.training.maxSteps=20 (repeatable)",
+    )
+    run.add_argument(
+        "--s3-endpoint",
+        help="talk to this S3 endpoint instead of the embedded storage (default: "
+        "$AWS_ENDPOINT_URL, else embedded)",
+    )
     crds = sub.add_parser("crds", help="generate the CustomResourceDefinitions from the API models")
     crds.add_argument("--output", type=Path, default=Path("crds"), help="folder (default: crds)")
     crds.add_argument(
@@ -104,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _validate(args.files)
     if args.command == "crds":
         return _crds(args.output, args.check)
+    if args.command == "run":
+        return _run(args)
     raise AssertionError(args.command)  # argparse enforces the choices
 
 

@@ -36,11 +36,14 @@ def check_target_modules(settings: LoraSettings, named_modules: Iterable[tuple[s
     Raises:
         ConfigInvalid: naming the missing modules and the adaptable suffixes the model has.
     """
-    names = adaptable_module_names(named_modules)
+    modules = list(named_modules)
+    names = adaptable_module_names(modules)
+    every = [name for name, _ in modules]
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
     wanted: list[str] = [] if settings.target_modules == "all-linear" else settings.target_modules
     missing = [t for t in wanted if not any(_matches(n, t) for n in names)]
-    missing += [m for m in settings.modules_to_save or [] if not any(_matches(n, m) for n in names)]
+    # PEFT trains and saves any module in modules_to_save (norms too), not only adaptable ones.
+    missing += [m for m in settings.modules_to_save or [] if not any(_matches(n, m) for n in every)]
     if missing:
         raise ConfigInvalid(
             f"target modules not found in the model: {', '.join(missing)}; the model's "

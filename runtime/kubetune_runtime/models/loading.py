@@ -103,7 +103,10 @@ def device_precision(precision: Literal["auto", "bf16", "fp16", "fp32"]) -> Prec
 
     cuda = torch.cuda.is_available()
     return resolve_precision(
-        precision, cuda=cuda, bf16_supported=cuda and torch.cuda.is_bf16_supported()
+        precision,
+        cuda=cuda,
+        # Native bf16 only (Ampere+); pre-Ampere GPUs emulate it slowly: fp16 is the right pick.
+        bf16_supported=cuda and torch.cuda.is_bf16_supported(including_emulation=False),
     )
 
 

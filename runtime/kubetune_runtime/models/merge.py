@@ -48,6 +48,21 @@ def _logits(model: Any, tokenizer: Any, prompts: Sequence[str]) -> list[Any]:
     return outputs
 
 
+def _declared_dtype(source: ModelSource, *, trust_remote_code: bool) -> str:
+    """The dtype the base checkpoint declares in its config (float32 when it declares none)."""
+    from transformers import AutoConfig  # noqa: PLC0415
+
+    config = AutoConfig.from_pretrained(
+        source.name_or_path,
+        revision=source.revision,
+        token=source.token,
+        trust_remote_code=trust_remote_code,
+    )
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+    return name if name in ("float32", "float16", "bfloat16") else "float32"
+
+
 def merge_adapter(
     source: ModelSource,
     adapter_dir: Path,
@@ -81,6 +96,7 @@ def merge_adapter(
     import torch  # noqa: PLC0415
     from peft import PeftModel  # noqa: PLC0415
 
+    saved_dtype = _declared_dtype(source, trust_remote_code=trust_remote_code)
     fp32 = Precision("float32", bf16=False, fp16=False)
     base = load_model(
         source,
@@ -106,10 +122,9 @@ def merge_adapter(
             f"{tolerance:.3g}; the merged model was not published"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    # A de-quantized QLoRA base is saved in 16-bit; otherwise keep the base's own dtype.
-    dtype = getattr(base.config, "dtype", None) or torch.float32
-    if quantization is not None:
-        dtype = torch.bfloat16
+    # Keep the base's own dtype (read before loading in fp32 overwrote it); a de-quantized
+    # QLoRA base is saved in 16-bit.
+    dtype = torch.bfloat16 if quantization is not None else getattr(torch, saved_dtype)
     merged_model.to(dtype).save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
     log.info("Merged adapter max_abs_logit_diff=%.3g tolerance=%.3g", diff, tolerance)

@@ -7,6 +7,7 @@ the functions right below it. Everything else is a shared step from a small modu
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -24,7 +25,7 @@ from kubetune_runtime.data.tokenize import (
     prepare_tokenizer,
     tokenize_dataset,
 )
-from kubetune_runtime.errors import DataInvalid
+from kubetune_runtime.errors import ConfigInvalid, DataInvalid
 from kubetune_runtime.models.adapters import build_lora_config, check_target_modules
 from kubetune_runtime.models.loading import (
     ModelSource,
@@ -41,6 +42,7 @@ from kubetune_runtime.progress import (
     ProgressReporter,
     ProgressUpdate,
 )
+from kubetune_runtime.recipes.evaluate import evaluate_adapter
 from kubetune_runtime.result import RunResult
 from kubetune_runtime.storage import uris
 from kubetune_runtime.storage.artifacts import publish_dir, write_manifest
@@ -57,8 +59,12 @@ from kubetune_runtime.training.distributed import (
 log = logging.getLogger(__name__)
 
 
-def run(config: RunConfig, *, workdir: Path) -> RunResult:  # noqa: PLR0915 - one readable program
+def run(config: RunConfig, *, workdir: Path) -> RunResult:
     """Fine-tune as ``config`` says and publish a verified adapter (or model).
+
+    SIGTERM/SIGINT are handled for the whole run: during training they checkpoint and stop at
+    the next step; before training they stop before the first step; once training is done the
+    run still publishes (publishing is atomic, so a kill midway leaves nothing half-visible).
 
     Returns:
         Succeeded with the artifact and metrics, or Interrupted (SIGTERM/SIGINT) after a
@@ -68,6 +74,16 @@ def run(config: RunConfig, *, workdir: Path) -> RunResult:  # noqa: PLR0915 - on
         DataInvalid, ConfigInvalid, TrainingFailed, StorageFailure, ArtifactInvalid: before
             or during training, with a one-sentence reason (the entry point reports it).
     """
+    stopper = GracefulStop()
+    stopper.install()
+    try:
+        return _train(config, workdir=workdir, stopper=stopper)
+    finally:
+        stopper.uninstall()
+
+
+def _train(config: RunConfig, *, workdir: Path, stopper: GracefulStop) -> RunResult:  # noqa: PLR0915 - one readable program
+    """The program behind :func:`run`, top to bottom."""
     import torch  # noqa: PLC0415
     from transformers import PrinterCallback  # noqa: PLC0415
 
@@ -75,6 +91,8 @@ def run(config: RunConfig, *, workdir: Path) -> RunResult:  # noqa: PLR0915 - on
     assert config.data is not None  # noqa: S101
     assert config.output is not None  # noqa: S101
     assert config.checkpoint is not None  # noqa: S101
+    if config.evaluation is not None and config.lora is None:  # refuse before any work
+        raise ConfigInvalid("evaluation after a full fine-tune is not supported yet")
     proc = process_info()
     cache = workdir / "cache"
     output_dir = workdir / "trainer"
@@ -151,11 +169,14 @@ def run(config: RunConfig, *, workdir: Path) -> RunResult:  # noqa: PLR0915 - on
         peft_config = build_lora_config(config.lora)
 
     # --- train ---------------------------------------------------------------------------
-    stopper = GracefulStop()
     progress = ProgressCallback(reporter, enabled=proc.is_main)
-    storage = storage_for(config.checkpoint.uri, config.storage)
+    # Checkpoints live under a folder named after the training configuration's digest: a rerun
+    # of the same configuration resumes, a changed one (new hyperparameters, data or model)
+    # starts fresh instead of resuming from an incompatible state.
+    checkpoint_uri = uris.join(config.checkpoint.uri, f"run-{_config_digest(config)[7:19]}")
+    storage = storage_for(checkpoint_uri, config.storage)
     sync = CheckpointSync(
-        storage, config.checkpoint.uri, keep_last=config.checkpoint.keep_last, enabled=proc.is_main
+        storage, checkpoint_uri, keep_last=config.checkpoint.keep_last, enabled=proc.is_main
     )
     callbacks = [progress, NonFiniteLossGuard(), stopper, sync]
     if objective == "sft":
@@ -181,23 +202,24 @@ def run(config: RunConfig, *, workdir: Path) -> RunResult:  # noqa: PLR0915 - on
             callbacks=callbacks,
         )
     trainer.remove_callback(PrinterCallback)  # our progress sinks replace its raw dict prints
-    resume_from = restore_latest(storage, config.checkpoint.uri, output_dir)
+    resume_from = restore_latest(storage, checkpoint_uri, output_dir)
     baseline: dict[str, float] = {}
     # The base's eval loss, to show the improvement. Not with DeepSpeed: an evaluation before
     # train() leaves the Trainer with an inference-only engine that cannot train.
     if eval_examples and resume_from is None and config.distributed.deepspeed is None:
         baseline = {"evalLossBefore": float(trainer.evaluate()["eval_loss"])}
-    stopper.install()
-    try:
-        train_output = trainer.train(
-            resume_from_checkpoint=str(resume_from) if resume_from else None
-        )
-    finally:
-        stopper.uninstall()
-    if stopper.stop_requested:
+    if stopper.stop_requested:  # signalled while preparing: nothing trained, nothing to save
         return RunResult(
             status="Interrupted",
             reason=stopper.stop_requested,
+            message="stopped before training; starting the run again starts it",
+        )
+    train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    signal_name = stopper.requested()
+    if signal_name and trainer.state.global_step < trainer.state.max_steps:
+        return RunResult(
+            status="Interrupted",
+            reason=signal_name,
             message=f"stopped at step {trainer.state.global_step} after checkpointing; "
             "starting the run again resumes from the checkpoint",
             checkpoint=sync.last,
@@ -240,11 +262,34 @@ def run(config: RunConfig, *, workdir: Path) -> RunResult:  # noqa: PLR0915 - on
         merged = publish_dir(storage_for(merged_uri, config.storage), merged_dir, merged_uri)
         artifact["mergedUri"] = merged.uri
 
+    # --- evaluate (optional): base vs base + the adapter just published ------------------
+    final_step, max_steps, epoch = (
+        trainer.state.global_step,
+        trainer.state.max_steps,
+        trainer.state.epoch,
+    )
+    evaluation = None
+    if config.evaluation is not None:
+        del trainer, model  # free the training copy: evaluation loads the base once more
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        evaluation = evaluate_adapter(
+            config,
+            adapter_dir,
+            source,
+            tokenizer,
+            workdir=workdir,
+            adapter_uri=published.uri,
+            adapter_digest=published.digest,
+            result_budget_bytes=2048,
+        )
+
     reporter.report(
         ProgressUpdate(
-            step=trainer.state.global_step,
-            total_steps=trainer.state.max_steps,
-            epoch=trainer.state.epoch,
+            step=final_step,
+            total_steps=max_steps,
+            epoch=epoch,
             loss=metrics.get("trainLoss"),
             eval_loss=metrics.get("evalLoss"),
             final=True,
@@ -256,6 +301,7 @@ def run(config: RunConfig, *, workdir: Path) -> RunResult:  # noqa: PLR0915 - on
         message=f"published {published.uri}",
         artifact=artifact,
         metrics=metrics,
+        evaluation=evaluation,
     )
 
 
@@ -421,7 +467,20 @@ def _digest(examples: list[Any]) -> str:
 
 
 def _config_digest(config: RunConfig) -> str:
-    stable = config.model_dump(mode="json", exclude={"run", "progress", "result_path"})
+    """sha256 of what determines the trained weights (not the run's name, outputs or eval)."""
+    stable = config.model_dump(
+        mode="json",
+        include={
+            "model",
+            "data",
+            "objective",
+            "method",
+            "lora",
+            "quantization",
+            "training",
+            "distributed",
+        },
+    )
     text = json.dumps(stable, sort_keys=True)
     return f"sha256:{hashlib.sha256(text.encode()).hexdigest()}"
 

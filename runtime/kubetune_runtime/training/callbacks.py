@@ -117,6 +117,10 @@ class GracefulStop(TrainerCallback):
         self.stop_requested: str | None = None
         self._previous: dict[int, Any] = {}
 
+    def requested(self) -> str | None:
+        """The signal's name (SIGTERM, SIGINT) once one arrived, else None."""
+        return self.stop_requested
+
     def install(self) -> None:
         """Install the handlers (main thread only; a no-op elsewhere)."""
         if threading.current_thread() is not threading.main_thread():

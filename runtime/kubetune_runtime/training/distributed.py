@@ -108,6 +108,7 @@ def deepspeed_config(config: DistributedConfig) -> dict[str, Any] | None:
     }
     if ds.offload_optimizer == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    offloading = ds.offload_optimizer == "cpu" or ds.offload_params == "cpu"
     if ds.offload_params == "cpu":
         zero["offload_param"] = {"device": "cpu", "pin_memory": False}
     if ds.zero_stage == 3:
@@ -123,6 +124,9 @@ def deepspeed_config(config: DistributedConfig) -> dict[str, Any] | None:
         "gradient_clipping": "auto",
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        # The Trainer passes its own (torch) optimizer; with offload DeepSpeed would otherwise
+        # refuse it and demand its JIT-compiled CPU Adam.
+        **({"zero_force_ds_cpu_optimizer": False} if offloading else {}),
     }
 
 
