@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -277,7 +276,7 @@ def execute(
     overrides: Sequence[str] = (),
     s3_endpoint: str | None = None,
     settings: OperatorSettings | None = None,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
     environ: dict[str, str] | None = None,
     on_start: Callable[[subprocess.Popen[str]], None] | None = None,
 ) -> int:
@@ -286,6 +285,7 @@ def execute(
     Ctrl-C reaches the runtime too (same terminal process group): it saves a checkpoint and
     stops; running the same command again resumes from it.
     """
+    out = out or sys.stdout
     environ = dict(os.environ if environ is None else environ)
     s3_endpoint = s3_endpoint or environ.get("AWS_ENDPOINT_URL")
     job = load_manifest(manifest, overrides, s3_endpoint)
@@ -307,7 +307,7 @@ def execute(
         env["KUBETUNE_RESULT_PATH"] = str(local.termination_log)
         env.setdefault("HF_HUB_OFFLINE", environ.get("HF_HUB_OFFLINE", "0"))
         command = [_local_path(a, mounts) for a in [*container["command"], *container["args"]]]
-        if command[0] == "kubetune-runtime" and not shutil.which("kubetune-runtime"):
+        if command[0] == "kubetune-runtime":  # this installation's runtime, not one on PATH
             command = [sys.executable, "-m", "kubetune_runtime.entrypoint", *command[1:]]
         print(f"{job.kind} {namespace}/{job.metadata.name}: {' '.join(command)}", file=out)
         print(f"logs: {local.log_file}", file=out)
@@ -323,10 +323,10 @@ def execute(
             try:
                 _watch(proc, progress, out, interactive=out.isatty())
             except KeyboardInterrupt:
-                # The runtime got SIGINT too; let it checkpoint and exit.
+                # The runtime got SIGINT too (same process group); let it checkpoint and exit.
                 print("\ninterrupted: waiting for the checkpoint...", file=out, flush=True)
                 proc.send_signal(signal.SIGINT)
-            code = proc.wait()
+            code = _wait_through_interrupts(proc)
     elapsed = time.monotonic() - started
     result = _read_result(local.log_file)
     local.result_file.write_text(
@@ -348,6 +348,15 @@ def execute(
         if result is not None and result.get("status") == "Interrupted":
             print("run the same command again to resume from the checkpoint", file=out)
     return code
+
+
+def _wait_through_interrupts(proc: subprocess.Popen[str]) -> int:
+    """Wait for the runtime; further Ctrl-Cs must not abandon it while it checkpoints."""
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            continue
 
 
 def _base_model(job: Any) -> dict[str, Any] | None:

@@ -233,6 +233,8 @@ def _train(config: RunConfig, *, workdir: Path, stopper: GracefulStop) -> RunRes
     if not proc.is_main:
         return RunResult(status="Succeeded", reason="TrainingSucceeded")
     tokenizer.save_pretrained(str(adapter_dir))
+    # The Trainer also writes training_args.bin, a pickle: never publish executable data.
+    (adapter_dir / "training_args.bin").unlink(missing_ok=True)
     metadata = _artifact_metadata(config, source, dataset_digest, metrics, data_summary)
     write_manifest(adapter_dir, metadata=metadata)
     adapter_uri = uris.join(config.output.uri, kind)
