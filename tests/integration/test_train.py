@@ -76,6 +76,9 @@ def test_lora_sft_lowers_held_out_loss_and_publishes_a_peft_adapter(
     assert result is not None
     assert result.status == "Succeeded"
     metrics = result.metrics or {}
+    assert metrics["rowsRead"] == 240
+    assert metrics["rowsDropped"] == 0
+    assert 0 < metrics["trainedTokens"] < metrics["trainTokens"]  # assistant tokens only
     # Held-out GSM8K rows (seeded 10% split): the adapter must clearly beat the base.
     assert metrics["evalLoss"] < metrics["evalLossBefore"] - 0.15, metrics
     artifact = result.artifact or {}

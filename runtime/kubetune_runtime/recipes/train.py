@@ -224,7 +224,22 @@ def _train(config: RunConfig, *, workdir: Path, stopper: GracefulStop) -> RunRes
             "starting the run again resumes from the checkpoint",
             checkpoint=sync.last,
         )
-    metrics = {**baseline, **_final_metrics(train_output.metrics, trainer, eval_examples)}
+    metrics = {
+        **baseline,
+        **_final_metrics(train_output.metrics, trainer, eval_examples),
+        # The data summary travels with the result: what was read, dropped and trained on.
+        "rowsRead": float(conversion.rows_read),
+        "rowsDropped": float(conversion.rows_dropped),
+        **{
+            key: float(data_summary[name])
+            for key, name in (
+                ("trainTokens", "tokens"),
+                ("trainedTokens", "trained_tokens"),
+                ("truncatedSamples", "truncated"),
+            )
+            if isinstance(data_summary.get(name), int | float)
+        },
+    }
 
     # --- save and publish (rank 0) ------------------------------------------------------
     kind = "adapter" if config.lora is not None else "model"  # a full fine-tune is a model
