@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from kubetune_runtime.data.tokenize import (  # noqa: E402
     IGNORE_INDEX,
+    PackedRowsCollator,
     PaddedCollator,
     PaddingFreeCollator,
     TokenizationSummary,
@@ -608,3 +609,34 @@ def test_packed_batch_trains_exactly_the_assistant_tokens(
     # ... and they are the assistant answers plus one end-of-turn token per assistant turn.
     labels = batch["labels"][0]
     assert int((labels == tokenizer.eos_token_id).sum()) == 1 + 3
+
+
+def test_packed_rows_give_the_same_logits_and_loss_as_one_concatenated_row(
+    tiny_model_dir: Path, tokenizer: Any, gsm8k_rows: list[dict[str, str]]
+) -> None:
+    """The training collator (one row per packed sequence, right-padded) is exact."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, attn_implementation="sdpa"
+    ).eval()
+    samples = [_single_turn(row) for row in gsm8k_rows[:6]]
+    examples = tokenize_dataset(tokenizer, samples, max_seq_length=1024)[0]
+    packed = pack_examples(examples, 400)
+    assert len(packed) >= 2
+    assert len({len(p["input_ids"]) for p in packed}) > 1  # rows of different lengths: padding
+    rows = PackedRowsCollator(pad_token_id=tokenizer.pad_token_id)(packed)
+    single = PaddingFreeCollator()(packed)
+    assert rows["input_ids"].shape[0] == len(packed)
+    with torch.no_grad():
+        row_logits = model(**{k: v for k, v in rows.items() if k != "labels"}).logits
+        flat_logits = model(**{k: v for k, v in single.items() if k != "labels"}).logits[0]
+        offset = 0
+        for index, example in enumerate(packed):
+            n = len(example["input_ids"])
+            torch.testing.assert_close(
+                row_logits[index, :n], flat_logits[offset : offset + n], atol=1e-5, rtol=1e-5
+            )
+            offset += n
+        assert int((rows["labels"] != IGNORE_INDEX).sum()) == int(
+            (single["labels"] != IGNORE_INDEX).sum()
+        )
+        torch.testing.assert_close(model(**rows).loss, model(**single).loss, atol=1e-5, rtol=1e-5)

@@ -730,6 +730,63 @@ class PaddingFreeCollator:
 
 
 @dataclasses.dataclass(frozen=True)
+class PackedRowsCollator:
+    """Packed examples as ``[batch, longest]`` rows: each row keeps its own samples.
+
+    The training path for packed data with sdpa/eager attention. Returns ``input_ids``,
+    ``labels`` and ``position_ids`` (``[batch, seq]``, ``torch.long``) and no attention mask:
+    transformers derives a block-diagonal causal mask from the ``position_ids`` restarts *per
+    row*, so attention costs ``batch x seq^2`` instead of the ``(batch x seq)^2`` of one long
+    concatenated row (:class:`PaddingFreeCollator`, which suits flash-attention's
+    variable-length kernels). Measured in ``bench/train_throughput.py``: about 1.8x faster on
+    CPU than the single row, for the same loss.
+
+    Shorter rows are right-padded with ``pad_token_id``; padding continues the row's last
+    positions (so it is causally after every real token and never attended to by them) and
+    has label ``-100``. As in :class:`PaddingFreeCollator`, labels where ``position_ids == 0``
+    are ``-100`` (no sample learns to predict the next sample's first token), and
+    ``use_cache=False`` is added (with a cache transformers skips packed-sequence detection).
+    """
+
+    pad_token_id: int
+    disable_cache: bool = True
+
+    def __call__(self, examples: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, Any]:
+        """Collate ``examples`` into a ``[batch, seq]`` batch (see the class docstring)."""
+        import torch  # noqa: PLC0415 - keep this module's import cheap
+
+        if not examples:
+            raise ValueError("cannot collate an empty batch")
+        longest = max(len(e["input_ids"]) for e in examples)
+        shape = (len(examples), longest)
+        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
+        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros(shape, dtype=torch.long)
+        for row, example in enumerate(examples):
+            ids = example["input_ids"]
+            positions = list(example.get("position_ids", range(len(ids))))
+            sample_labels = example.get("labels", ids)
+            if not ids or len(positions) != len(ids) or len(sample_labels) != len(ids):
+                raise ValueError("each example needs equally long, non-empty token lists")
+            if positions[0] != 0:
+                raise ValueError("position_ids must start at 0")
+            n = len(ids)
+            input_ids[row, :n] = torch.tensor(ids, dtype=torch.long)
+            labels[row, :n] = torch.tensor(sample_labels, dtype=torch.long)
+            position_ids[row, :n] = torch.tensor(positions, dtype=torch.long)
+            position_ids[row, n:] = torch.arange(positions[-1] + 1, positions[-1] + 1 + longest - n)
+        labels[position_ids == 0] = IGNORE_INDEX
+        batch: dict[str, Any] = {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": position_ids,
+        }
+        if self.disable_cache:
+            batch["use_cache"] = False
+        return batch
+
+
+@dataclasses.dataclass(frozen=True)
 class PaddedCollator:
     """Right-pad a batch to its longest example (the non-packed path).
 

@@ -19,8 +19,8 @@ from kubetune_runtime.config import RunConfig
 from kubetune_runtime.data.formats import convert_rows
 from kubetune_runtime.data.sources import load_source
 from kubetune_runtime.data.tokenize import (
+    PackedRowsCollator,
     PaddedCollator,
-    PaddingFreeCollator,
     pack_examples,
     prepare_tokenizer,
     tokenize_dataset,
@@ -360,7 +360,9 @@ def _sft_trainer(
     if data.packing:
         train_rows = pack_examples(train_rows, data.max_seq_length)
         eval_rows = pack_examples(eval_rows, data.max_seq_length) if eval_rows else []
-        collator: Any = PaddingFreeCollator()
+        # One row per packed sequence (not one concatenated row): the attention mask stays
+        # per row, which is what makes packing pay off with sdpa (bench/train_throughput.py).
+        collator: Any = PackedRowsCollator(pad_token_id=tokenizer.pad_token_id)
     else:
         collator = PaddedCollator(pad_token_id=tokenizer.pad_token_id)
     trainer = SFTTrainer(
