@@ -84,3 +84,18 @@ def progress_losses(workdir: Path) -> dict[int, float]:
         if record.get("loss") is not None and not record.get("final"):
             losses[record["step"]] = record["loss"]
     return losses
+
+
+def process_table() -> list[tuple[int, int, int, str]]:
+    """(pid, ppid, pgrp, state) of every live process, read from /proc."""
+    table = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text(encoding="ascii", errors="replace")
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp ...; comm may hold spaces and parentheses.
+        fields = text[text.rfind(")") + 2 :].split()
+        if len(fields) > 2:
+            table.append((int(stat.parent.name), int(fields[1]), int(fields[2]), fields[0]))
+    return table

@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.integration.runtime_support import process_table
+
 __all__ = [
     "S3Server",
     "S3ServerError",
@@ -212,18 +214,8 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def group_members(pgid: int) -> list[int]:
-    """Live processes in process group ``pgid`` (from /proc; ``[]`` where there is none)."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text(encoding="ascii", errors="replace")
-        except OSError:
-            continue
-        # pid (comm) state ppid pgrp ...; comm may hold spaces and parentheses.
-        fields = text[text.rfind(")") + 2 :].split()
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(stat.parent.name))
-    return sorted(members)
+    """Live processes in process group ``pgid`` (``[]`` where there is none)."""
+    return [pid for pid, _, pgrp, state in process_table() if pgrp == pgid and state != "Z"]
 
 
 def _ready(server: S3Server, proc: subprocess.Popen[bytes], timeout: float) -> None:

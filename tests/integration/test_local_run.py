@@ -31,7 +31,7 @@ from kubetune_operator.manifests.common import OperatorSettings
 from kubetune_operator.overrides import apply_overrides
 from kubetune_operator.validation import parse_manifest
 from kubetune_runtime.storage.artifacts import COMPLETE_MARKER, verify_local
-from tests.integration.runtime_support import GSM8K_TRAIN, SHARED_DATA
+from tests.integration.runtime_support import GSM8K_TRAIN, SHARED_DATA, process_table
 
 GSM8K_TEST = SHARED_DATA / "gsm8k" / "test.jsonl"
 KUBETUNE = Path(sys.executable).parent / "kubetune"  # the console script of this environment
@@ -169,17 +169,8 @@ def local_value(value: str, workdir: Path, name: str) -> str:
 
 
 def child_pids(pid: int) -> list[int]:
-    """Direct children of ``pid`` (from /proc)."""
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text(encoding="ascii", errors="replace")
-        except OSError:
-            continue
-        fields = text[text.rfind(")") + 2 :].split()
-        if int(fields[1]) == pid:
-            children.append(int(stat.parent.name))
-    return children
+    """Direct children of ``pid``."""
+    return [child for child, ppid, _, _ in process_table() if ppid == pid]
 
 
 def proc_environ(pid: int) -> dict[str, str]:

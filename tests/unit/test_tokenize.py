@@ -640,3 +640,25 @@ def test_packed_rows_give_the_same_logits_and_loss_as_one_concatenated_row(
             (single["labels"] != IGNORE_INDEX).sum()
         )
         torch.testing.assert_close(model(**rows).loss, model(**single).loss, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_lean_training_loss_equals_the_models_own_loss(
+    tiny_model_dir: Path, tokenizer: Any, gsm8k_rows: list[dict[str, str]]
+) -> None:
+    """training/loss.py: cross-entropy on trained positions only == ForCausalLMLoss."""
+    from peft import LoraConfig, get_peft_model
+
+    from kubetune_runtime.training.loss import lean_loss_applies, trained_positions_loss
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear"))
+    samples = [_single_turn(row) for row in gsm8k_rows[:6]]
+    examples = tokenize_dataset(tokenizer, samples, max_seq_length=1024)[0]
+    batch = PackedRowsCollator(pad_token_id=tokenizer.pad_token_id)(pack_examples(examples, 400))
+    assert lean_loss_applies(model)
+    reference = model(**batch).loss
+    lean = trained_positions_loss(model, batch)
+    torch.testing.assert_close(lean, reference, atol=1e-5, rtol=1e-5)
+    lean.backward()  # gradients flow into the LoRA weights
+    assert any(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n)

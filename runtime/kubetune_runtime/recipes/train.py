@@ -55,6 +55,7 @@ from kubetune_runtime.training.distributed import (
     deepspeed_config,
     process_info,
 )
+from kubetune_runtime.training.loss import lean_loss_applies, trained_positions_loss
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +339,6 @@ def _sft_trainer(
 ) -> tuple[Any, dict[str, Any]]:
     """SFT on our own tokenization: assistant-only labels, optional padding-free packing."""
     from datasets import Dataset  # noqa: PLC0415
-    from trl import SFTTrainer  # noqa: PLC0415
 
     assert config.data is not None  # noqa: S101
     data = config.data
@@ -365,7 +365,7 @@ def _sft_trainer(
         collator: Any = PackedRowsCollator(pad_token_id=tokenizer.pad_token_id)
     else:
         collator = PaddedCollator(pad_token_id=tokenizer.pad_token_id)
-    trainer = SFTTrainer(
+    trainer = _sft_trainer_class()(
         model=model,
         args=trainer_args,
         train_dataset=Dataset.from_list(train_rows),
@@ -376,6 +376,30 @@ def _sft_trainer(
         callbacks=callbacks,
     )
     return trainer, summary
+
+
+def _sft_trainer_class() -> Any:
+    """Trl's SFTTrainer, with the lean trained-positions loss where it applies (CPU)."""
+    from trl import SFTTrainer  # noqa: PLC0415
+
+    class LeanSFTTrainer(SFTTrainer):
+        """SFTTrainer whose training loss skips untrained positions (training/loss.py)."""
+
+        def compute_loss(
+            self,
+            model: Any,
+            inputs: dict[str, Any],
+            return_outputs: bool = False,
+            num_items_in_batch: Any = None,
+        ) -> Any:
+            unwrapped = self.accelerator.unwrap_model(model)
+            if return_outputs or not lean_loss_applies(unwrapped):
+                return super().compute_loss(  # type: ignore[no-untyped-call]
+                    model, inputs, return_outputs, num_items_in_batch
+                )
+            return trained_positions_loss(unwrapped, inputs, num_items_in_batch)
+
+    return LeanSFTTrainer
 
 
 def _preference_trainer(
