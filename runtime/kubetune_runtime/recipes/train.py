@@ -179,7 +179,7 @@ def _train(config: RunConfig, *, workdir: Path, stopper: GracefulStop) -> RunRes
     sync = CheckpointSync(
         storage, checkpoint_uri, keep_last=config.checkpoint.keep_last, enabled=proc.is_main
     )
-    callbacks = [progress, NonFiniteLossGuard(), stopper, sync]
+    callbacks = [NonFiniteLossGuard(), progress, stopper, sync]  # abort before reporting NaN
     if objective == "sft":
         trainer, data_summary = _sft_trainer(
             config,
