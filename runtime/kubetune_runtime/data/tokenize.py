@@ -706,27 +706,16 @@ class PaddingFreeCollator:
         labels: list[int] = []
         position_ids: list[int] = []
         for example in examples:
-            ids = example["input_ids"]
-            positions = example.get("position_ids", range(len(ids)))
-            sample_labels = example.get("labels", ids)
-            if not ids or len(positions) != len(ids) or len(sample_labels) != len(ids):
-                raise ValueError("each example needs equally long, non-empty token lists")
-            if positions[0] != 0:
-                raise ValueError("position_ids must start at 0")
+            ids, positions, sample_labels = _packed_fields(example)
             input_ids.extend(ids)
             labels.extend(sample_labels)
             position_ids.extend(positions)
-        position_tensor = torch.tensor([position_ids], dtype=torch.long)
-        label_tensor = torch.tensor([labels], dtype=torch.long)
-        label_tensor[position_tensor == 0] = IGNORE_INDEX
-        batch: dict[str, Any] = {
-            "input_ids": torch.tensor([input_ids], dtype=torch.long),
-            "labels": label_tensor,
-            "position_ids": position_tensor,
-        }
-        if self.disable_cache:
-            batch["use_cache"] = False
-        return batch
+        return _packed_batch(
+            torch.tensor([input_ids], dtype=torch.long),
+            torch.tensor([labels], dtype=torch.long),
+            torch.tensor([position_ids], dtype=torch.long),
+            disable_cache=self.disable_cache,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -763,27 +752,46 @@ class PackedRowsCollator:
         labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
         position_ids = torch.zeros(shape, dtype=torch.long)
         for row, example in enumerate(examples):
-            ids = example["input_ids"]
-            positions = list(example.get("position_ids", range(len(ids))))
-            sample_labels = example.get("labels", ids)
-            if not ids or len(positions) != len(ids) or len(sample_labels) != len(ids):
-                raise ValueError("each example needs equally long, non-empty token lists")
-            if positions[0] != 0:
-                raise ValueError("position_ids must start at 0")
+            ids, positions, sample_labels = _packed_fields(example)
             n = len(ids)
             input_ids[row, :n] = torch.tensor(ids, dtype=torch.long)
             labels[row, :n] = torch.tensor(sample_labels, dtype=torch.long)
             position_ids[row, :n] = torch.tensor(positions, dtype=torch.long)
             position_ids[row, n:] = torch.arange(positions[-1] + 1, positions[-1] + 1 + longest - n)
-        labels[position_ids == 0] = IGNORE_INDEX
-        batch: dict[str, Any] = {
-            "input_ids": input_ids,
-            "labels": labels,
-            "position_ids": position_ids,
-        }
-        if self.disable_cache:
-            batch["use_cache"] = False
-        return batch
+        return _packed_batch(input_ids, labels, position_ids, disable_cache=self.disable_cache)
+
+
+def _packed_fields(
+    example: Mapping[str, Sequence[int]],
+) -> tuple[Sequence[int], list[int], Sequence[int]]:
+    """``(input_ids, position_ids, labels)`` of one plain or packed example, checked.
+
+    Raises:
+        ValueError: empty or unequal token lists, or positions not starting at 0.
+    """
+    ids = example["input_ids"]
+    positions = list(example.get("position_ids", range(len(ids))))
+    labels = example.get("labels", ids)
+    if not ids or len(positions) != len(ids) or len(labels) != len(ids):
+        raise ValueError("each example needs equally long, non-empty token lists")
+    if positions[0] != 0:
+        raise ValueError("position_ids must start at 0")
+    return ids, positions, labels
+
+
+def _packed_batch(
+    input_ids: Any, labels: Any, position_ids: Any, *, disable_cache: bool
+) -> dict[str, Any]:
+    """The batch dict of a packed collator: sample starts never trained, cache off if asked."""
+    labels[position_ids == 0] = IGNORE_INDEX
+    batch: dict[str, Any] = {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+    }
+    if disable_cache:
+        batch["use_cache"] = False
+    return batch
 
 
 @dataclasses.dataclass(frozen=True)
