@@ -244,12 +244,17 @@ def _credential_values(value: Any, path: str) -> Iterator[Problem]:
         yield Problem(path, f"value looks like a secret key or token; {CREDENTIAL_HINT}")
 
 
-def parse_manifest(doc: Any, old: dict[str, Any] | None = None) -> ApiModel:
+def parse_manifest(
+    doc: Any, old: dict[str, Any] | None = None, *, check_rules: bool = True
+) -> ApiModel:
     """Validate one manifest of a kubetune kind and return its typed model.
 
     Args:
         doc: the parsed YAML/JSON object.
         old: the stored object, to also check update (transition) rules.
+        check_rules: evaluate the CRD's CEL rules too. The operator turns this off for
+            objects the API server has admitted (it enforced the same rules); cel-python
+            takes about 20 ms per FineTuneJob, 80 times the typed validation.
 
     Returns:
         A FineTuneJob, EvalJob or AdapterDeployment model, defaults applied.
@@ -279,6 +284,8 @@ def parse_manifest(doc: Any, old: dict[str, Any] | None = None) -> ApiModel:
         model = model_type.model_validate_json(json.dumps(doc), strict=True)
     except ValidationError as exc:
         raise ManifestInvalid(_pydantic_problems(exc, doc)) from None
+    if not check_rules:
+        return model
     stored = model.model_dump(by_alias=True, exclude_none=True, mode="json")
     problems = cel_problems(kind, stored, _stored_form(model_type, old))
     if problems:

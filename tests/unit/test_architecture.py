@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_MODULES = [
     *sorted((ROOT / "operator/kubetune_operator/api").glob("*.py")),
     ROOT / "runtime/kubetune_runtime/config.py",
+    ROOT / "runtime/kubetune_runtime/result.py",  # the termination message the operator reads
 ]
 
 
@@ -50,6 +51,7 @@ def test_top_level_has_no_package_named_operator() -> None:
         ("kubetune_runtime.config", ["torch", "transformers", "kopf", "kubernetes"]),
         ("kubetune_operator.cli.main", ["torch", "transformers", "peft", "trl", "kopf"]),
         ("kubetune_operator.render", ["torch", "transformers", "kopf", "kubernetes"]),
+        ("kubetune_operator.controller.runner", ["torch", "transformers", "peft", "datasets"]),
     ],
 )
 def test_importing_does_no_heavy_work(module: str, forbidden: list[str]) -> None:

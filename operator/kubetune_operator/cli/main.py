@@ -1,4 +1,4 @@
-"""`kubetune`: validate manifests and generate CRDs (more subcommands join as they land).
+"""`kubetune`: validate manifests, run jobs locally, generate CRDs, run the operator.
 
 Exit codes: 0 success, 1 invalid input (or drift found), 2 usage error.
 """
@@ -6,6 +6,9 @@ Exit codes: 0 success, 1 invalid input (or drift found), 2 usage error.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -96,6 +99,42 @@ def _run(args: argparse.Namespace) -> int:
         return 1
 
 
+def _operator(args: argparse.Namespace) -> int:
+    # The operator's dependencies (kopf, kubernetes) are the optional "operator" extra.
+    from kubetune_operator.controller.config import ControllerSettings  # noqa: PLC0415
+    from kubetune_operator.controller.runner import run as run_operator  # noqa: PLC0415
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    base = ControllerSettings.from_env(os.environ)
+    top: dict[str, object] = {
+        k: v
+        for k, v in {
+            "namespaces": tuple(args.namespaces) if args.namespaces else None,
+            "server": args.server,
+            "http_port": args.http_port,
+            "liveness_port": args.liveness_port,
+            "resync_seconds": args.resync_seconds,
+        }.items()
+        if v is not None
+    }
+    children = {
+        k: v
+        for k, v in {
+            "runtime_image": args.runtime_image,
+            "progress_base_url": args.progress_base_url,
+        }.items()
+        if v is not None
+    }
+    settings = base.model_copy(
+        update={**top, "children": base.children.model_copy(update=children)}
+    )
+    asyncio.run(run_operator(settings))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `kubetune` (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(
@@ -137,6 +176,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="talk to this S3 endpoint instead of the embedded storage (default: "
         "$AWS_ENDPOINT_URL, else embedded)",
     )
+    op = sub.add_parser(
+        "operator",
+        help="run the operator (reconciles FineTuneJobs and EvalJobs)",
+        description="Run the kopf-based operator. Settings come from KUBETUNE_* environment "
+        "variables (see docs/operator.md); these flags override them.",
+    )
+    op.add_argument(
+        "--namespace",
+        dest="namespaces",
+        action="append",
+        default=None,
+        metavar="NS",
+        help="watch this namespace (repeatable; default: all namespaces)",
+    )
+    op.add_argument("--server", help="API server URL without credentials (development only)")
+    op.add_argument("--runtime-image", help="image running kubetune-runtime in job pods")
+    op.add_argument("--progress-base-url", help="URL pods POST progress to (this operator)")
+    op.add_argument("--http-port", type=int, help="progress endpoint and /metrics (default 8080)")
+    op.add_argument("--liveness-port", type=int, help="kopf's /healthz port (default 8081)")
+    op.add_argument("--resync-seconds", type=float, help="resync period of unfinished runs")
+    op.add_argument("--verbose", action="store_true", help="debug logging")
     crds = sub.add_parser("crds", help="generate the CustomResourceDefinitions from the API models")
     crds.add_argument("--output", type=Path, default=Path("crds"), help="folder (default: crds)")
     crds.add_argument(
@@ -154,6 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _crds(args.output, args.check)
     if args.command == "run":
         return _run(args)
+    if args.command == "operator":
+        return _operator(args)
     raise AssertionError(args.command)  # argparse enforces the choices
 
 
