@@ -244,7 +244,16 @@ def _last_failure(pods: list[PodView]) -> PodView | None:
     if not failed:
         return None
     epoch = datetime.min.replace(tzinfo=UTC)
-    return max(failed, key=lambda p: (p.terminated.finished_at if p.terminated else None) or epoch)
+    # Timestamps have one-second precision: creation order breaks ties (pods are listed in
+    # any order, so compare creation times too, then names, which are unique).
+    return max(
+        failed,
+        key=lambda p: (
+            (p.terminated.finished_at if p.terminated else None) or epoch,
+            p.created or epoch,
+            p.name,
+        ),
+    )
 
 
 def _lead_pod(pods: list[PodView]) -> PodView | None:

@@ -437,6 +437,8 @@ def plan_run(
             "it applies to the next run (set a new spec.runId)",
         )
     )
+    status["jobName"] = run_job.name  # adopts a Job whose creation status never recorded
+    status.update(desire.extra_status)
     if run_job.start_time is not None:
         status["startTime"] = format_time(run_job.start_time)
     if a.phase in ("Succeeded", "Failed"):
