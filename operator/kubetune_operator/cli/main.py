@@ -104,8 +104,15 @@ def _operator(args: argparse.Namespace) -> int:
     from kubetune_operator.controller.config import ControllerSettings  # noqa: PLC0415
     from kubetune_operator.controller.runner import run as run_operator  # noqa: PLC0415
 
+    level = "DEBUG" if args.verbose else os.environ.get("KUBETUNE_LOG_LEVEL", "INFO").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        print(
+            f"KUBETUNE_LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR, got {level}",
+            file=sys.stderr,
+        )
+        return 2
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     base = ControllerSettings.from_env(os.environ)
@@ -196,7 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--http-port", type=int, help="progress endpoint and /metrics (default 8080)")
     op.add_argument("--liveness-port", type=int, help="kopf's /healthz port (default 8081)")
     op.add_argument("--resync-seconds", type=float, help="resync period of unfinished runs")
-    op.add_argument("--verbose", action="store_true", help="debug logging")
+    op.add_argument(
+        "--verbose",
+        action="store_true",
+        help="debug logging (default: $KUBETUNE_LOG_LEVEL or INFO)",
+    )
     crds = sub.add_parser("crds", help="generate the CustomResourceDefinitions from the API models")
     crds.add_argument("--output", type=Path, default=Path("crds"), help="folder (default: crds)")
     crds.add_argument(
