@@ -301,3 +301,66 @@ def test_multi_node_run_gets_an_indexed_job_and_a_headless_service(api: KubeApi)
         assert env["MASTER_ADDR"] == f"{job['metadata']['name']}-0.{service}.{NS}.svc"
         assert {r.index for r in kubelet.pods_created(job["metadata"]["name"], NS)} == {0, 1}
         assert done["status"]["artifact"]["digest"] == DIGEST
+
+
+def test_evaljob_waits_for_its_finetunejob_and_starts_when_it_succeeds(api: KubeApi) -> None:
+    """Not at the next resync: the FineTuneJob finishing wakes the EvalJobs that wait on it."""
+    gate = threading.Event()
+    evaluation = json.dumps(
+        {
+            "status": "Succeeded",
+            "reason": "EvaluationSucceeded",
+            "message": "1 of 1 gates passed",
+            "evaluation": {
+                "summary": [
+                    {"suite": "ppl", "metric": "perplexity", "candidate": 9.5, "base": 11.0}
+                ],
+                "gates": [
+                    {"suite": "ppl", "metric": "perplexity", "passed": False, "message": "9.5 > 9"}
+                ],
+                "passed": False,
+                "resultsUri": "s3://models/x/eval/results.jsonl",
+            },
+        }
+    )
+
+    def behaviour(job: dict[str, Any], pod: dict[str, Any], attempt: int) -> Any:
+        if "-evaluate" in job["metadata"]["name"]:
+            return Succeed(evaluation)
+        return Succeed(result(), after=0.2) if gate.is_set() else Hang()
+
+    evaljob = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "EvalJob",
+        "metadata": {"name": "waits", "namespace": NS},
+        "spec": {
+            "target": {"fineTuneJobRef": {"name": "trains"}},
+            "suites": [
+                {
+                    "name": "ppl",
+                    "type": "perplexity",
+                    "dataset": {
+                        "uri": "s3://datasets/gsm8k/test.jsonl",
+                        "format": "promptCompletion",
+                        "columns": {"prompt": "question", "completion": "answer"},
+                    },
+                }
+            ],
+            "output": {"uri": "s3://models/x/eval"},
+        },
+    }
+    with operator(api, resync_seconds=600.0), Kubelet(api, behaviour) as kubelet:
+        api.create(EVJ, evaljob)
+        api.create(FTJ, small_job("trains"))
+        waiting = wait_condition(
+            api, EVJ, NS, "waits", "Succeeded", "Unknown", "WaitingForFineTuneJob", timeout=20
+        )
+        assert "trains" in condition(waiting, "Succeeded")["message"]
+        wait_condition(api, FTJ, NS, "trains", "Running", "True", timeout=20)
+        gate.set()
+        for pod in kubelet.pods(NS, "trains-train"):
+            api.delete("v1/pods", NS, pod["metadata"]["name"])
+        done = wait_condition(api, EVJ, NS, "waits", "Succeeded", "True", timeout=20)
+        assert done["status"]["adapterDigest"] == DIGEST
+        assert done["status"]["passed"] is False
+        assert condition(done, "Passed")["reason"] == "GatesFailed"

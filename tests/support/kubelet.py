@@ -1046,9 +1046,15 @@ class Kubelet:
         env["HF_HUB_OFFLINE"] = behaviour.environ.get("HF_HUB_OFFLINE", "1")
         if "KUBETUNE_LOCAL_S3_ROOT" not in env and not self._has_s3_endpoint(files, env):
             env["KUBETUNE_LOCAL_S3_ROOT"] = str(workdir / "s3")
+        # Container paths in the arguments map to the pod's local folders. The executable and
+        # anything inside this Python installation are host paths already: a checkout under
+        # /tmp (CI) must not have its interpreter mapped into the pod's /tmp volume.
+        host = tuple({sys.prefix, sys.base_prefix, sys.exec_prefix})
         command = [
-            _local_path(a, mounts)
-            for a in [*(container.get("command") or []), *(container.get("args") or [])]
+            a if i == 0 or a.startswith(host) else _local_path(a, mounts)
+            for i, a in enumerate(
+                [*(container.get("command") or []), *(container.get("args") or [])]
+            )
         ]
         if command[0] == "kubetune-runtime":  # this installation's runtime, not one on PATH
             command = [sys.executable, "-m", "kubetune_runtime.entrypoint", *command[1:]]

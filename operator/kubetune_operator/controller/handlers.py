@@ -33,8 +33,8 @@ from kubetune_operator.controller.kube import Kube, KubeError
 from kubetune_operator.controller.metrics import Metrics
 from kubetune_operator.controller.observe import JobView, PodView, job_view, pod_view
 from kubetune_operator.controller.reconcile import Desire, Observed, Plan, is_finished, plan_run
+from kubetune_operator.manifests.common import child_name, owner_reference
 from kubetune_operator.manifests.common import labels as child_labels
-from kubetune_operator.manifests.common import owner_reference
 from kubetune_operator.validation import ManifestInvalid
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,8 @@ class Controller:
     parsed: dict[tuple[str, Any], Any] = field(default_factory=dict)
     executor: concurrent.futures.ThreadPoolExecutor | None = None
     caches: Caches | None = None
+    forget_hooks: list[Callable[[str], None]] = field(default_factory=list)
+    background: set[asyncio.Task[None]] = field(default_factory=set)
     resync_task: asyncio.Task[None] | None = None
     http_port: int | None = None
 
@@ -147,6 +149,8 @@ class Controller:
 
     def forget(self, uid: str) -> None:
         """Drop what is remembered of a deleted resource."""
+        for hook in self.forget_hooks:
+            hook(uid)
         self.statuses.pop(uid, None)
         self.locks.pop(uid, None)
         self.metrics.jobs.states.pop(uid, None)
@@ -184,8 +188,15 @@ class Controller:
         if isinstance(model, FineTuneJob):  # pragma: no cover - narrowed above
             raise TypeError(body["kind"])
         return desired.eval_desire(
-            body, model, children, lambda ns, name: caches.owner("FineTuneJob", ns, name)
+            body, model, children, lambda ns, name: self._owner(caches, ns, name)
         )
+
+    def _owner(self, caches: Caches, namespace: str, name: str) -> dict[str, Any] | None:
+        """A FineTuneJob from the cache, with the status this operator last wrote (fresher)."""
+        body = caches.owner("FineTuneJob", namespace, name)
+        if body is not None and (mine := self.statuses.get(body["metadata"]["uid"])) is not None:
+            body = {**body, "status": mine}
+        return body
 
     def _plan(
         self,
@@ -268,7 +279,8 @@ class Controller:
             await self.call(kube.set_job_suspend, namespace, desire.job_name, plan.suspend_job)
             writes.labels("patch").inc()
         if plan.cleanup:
-            deleted = await self.call(kube.cleanup, namespace, kind, name, uid)
+            secrets = (child_name(name, "progress"),)
+            deleted = await self.call(kube.cleanup, namespace, kind, name, uid, secrets)
             writes.labels("delete").inc(deleted)
             log.info("%s %s/%s finished: TTL deleted %d children", kind, namespace, name, deleted)
         if plan.status is not None:
@@ -297,6 +309,42 @@ class Controller:
         self.statuses[uid] = dict(stored.get("status") or status)
         summary = find(self.statuses[uid].get("conditions"), "Succeeded")
         self.metrics.jobs.states[uid] = (body["kind"], summary["status"] if summary else "Unknown")
+        if (
+            body["kind"] == "FineTuneJob"
+            and is_finished(self.statuses[uid])
+            and not is_finished(old)
+        ):
+            self._wake_dependents(meta["namespace"], meta["name"])
+
+    def _wake_dependents(self, namespace: str, name: str) -> None:
+        """Reconcile EvalJobs waiting on this FineTuneJob now rather than at the next resync."""
+        caches = self.caches
+        if caches is None:
+            return
+        for store in list(caches.owners["EvalJob"].values()):
+            for evaljob in list(store):
+                ref = ((evaljob.get("spec") or {}).get("target") or {}).get("fineTuneJobRef")
+                same = evaljob["metadata"].get("namespace") == namespace
+                if (
+                    same
+                    and ref
+                    and ref.get("name") == name
+                    and not is_finished(evaljob.get("status"))
+                ):
+                    task = asyncio.create_task(self._reconcile_logged(dict(evaljob), caches))
+                    self.background.add(task)
+                    task.add_done_callback(self.background.discard)
+
+    async def _reconcile_logged(self, body: dict[str, Any], caches: Caches) -> None:
+        try:
+            await self.reconcile(body, caches, "dependency")
+        except Exception:  # the resync retries
+            log.exception(
+                "reconcile of %s %s/%s failed",
+                body["kind"],
+                body["metadata"].get("namespace"),
+                body["metadata"]["name"],
+            )
 
     # ------------------------------------------------------------------ registration
 

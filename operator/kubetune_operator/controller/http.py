@@ -44,6 +44,16 @@ class ProgressWriter:
     pending: dict[str, dict[str, Any]] = field(default_factory=dict)
     flushes: dict[str, asyncio.Task[None]] = field(default_factory=dict)
 
+    def forget(self, uid: str) -> None:
+        """Drop the state kept for a deleted job (tokens, throttling, a pending write)."""
+        self.last_write.pop(uid, None)
+        self.pending.pop(uid, None)
+        task = self.flushes.pop(uid, None)
+        if task is not None:
+            task.cancel()
+        for key in [k for k, (owner, _) in self.tokens.items() if owner == uid]:
+            del self.tokens[key]
+
     async def _token(self, namespace: str, name: str, uid: str) -> str | None:
         cached = self.tokens.get((namespace, name))
         if cached is not None and cached[0] == uid:
@@ -122,6 +132,7 @@ class ProgressWriter:
 def application(controller: Controller) -> web.Application:
     """The aiohttp application: progress endpoint, metrics and a plain health check."""
     writer = ProgressWriter(controller)
+    controller.forget_hooks.append(writer.forget)
 
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=controller.metrics.exposition(), content_type="text/plain")
