@@ -219,13 +219,32 @@ class Kube:
             content_type=MERGE_PATCH,
         )
 
-    def cleanup(self, namespace: str, kind: str, name: str, uid: str) -> int:
-        """Delete every child of the resource (Jobs last); returns how many were deleted."""
-        selector = f"{GROUP}/{kind.lower()}={name}"
+    def cleanup(
+        self, namespace: str, kind: str, name: str, uid: str, secrets: tuple[str, ...] = ()
+    ) -> int:
+        """Delete every child of the resource (Jobs last); returns how many were deleted.
+
+        ConfigMaps, Services and Jobs are found by label. Secrets are never listed: a list
+        returns every Secret's data, so RBAC would have to let the operator read them all.
+        The ``secrets`` (names: the progress token's) are read by name instead and deleted
+        when the resource owns them.
+        """
         deleted = 0
+        for secret_name in secrets:
+            path = f"{collection_path('v1', 'secrets', namespace)}/{secret_name}"
+            try:
+                secret = self.request("GET", path)
+            except KubeError as exc:
+                if exc.status == 404:
+                    continue
+                raise
+            owners = secret.get("metadata", {}).get("ownerReferences") or []
+            if any(o.get("uid") == uid for o in owners):
+                self.delete("v1", "secrets", namespace, secret_name)
+                deleted += 1
+        selector = f"{GROUP}/{kind.lower()}={name}"
         for api_version, plural in (
             ("v1", "configmaps"),
-            ("v1", "secrets"),
             ("v1", "services"),
             ("batch/v1", "jobs"),
         ):
