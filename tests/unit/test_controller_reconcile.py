@@ -537,3 +537,27 @@ def test_runtime_evaluation_summary_maps_onto_the_api_and_drops_extra_keys() -> 
         "passed": True,
         "resultsUri": "s3://bucket/eval/results.jsonl",
     }
+
+
+def test_a_spec_fixed_after_invalid_spec_starts_the_run() -> None:
+    """InvalidSpec ends nothing that ran: fixing the spec (same runId) starts the run."""
+    doc = body()
+    doc["spec"]["method"] = "sparse"
+    model = desired.parse(doc)
+    assert isinstance(model, desired.ManifestInvalid)
+    invalid = desired.finetune_desire(doc, model, SETTINGS)
+    rejected = plan_run(
+        "FineTuneJob",
+        generation=1,
+        old_status={},
+        desire=invalid,
+        observed=Observed(),
+        now=NOW,
+        image_pull_grace_seconds=GRACE,
+    ).status
+    assert rejected is not None
+    fixed = body()
+    fixed["metadata"]["generation"] = 2
+    p = plan(fixed, rejected)
+    assert [o["kind"] for o in p.create] == ["ConfigMap", "Job"]
+    assert cond(p.status, "Succeeded")["status"] == "Unknown"

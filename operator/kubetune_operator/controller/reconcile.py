@@ -309,7 +309,11 @@ def plan_run(
     run_job = next((j for j in observed.jobs if j.name == desire.job_name), None)
     stale = tuple(j.name for j in observed.jobs if j.name != desire.job_name and not j.deleting)
     summary = find(old_conditions, "Succeeded")
-    finished = summary is not None and summary["status"] in TERMINAL
+    # A spec rejected before anything ran is not a finished run: once fixed, the run starts.
+    never_ran = (
+        summary is not None and summary["reason"] == "InvalidSpec" and not (status.get("jobName"))
+    )
+    finished = summary is not None and summary["status"] in TERMINAL and not never_ran
 
     if finished:
         return _plan_finished(
