@@ -91,9 +91,13 @@ def test_operator_process_reconciles_serves_probes_and_stops_on_sigterm(
         assert container["image"] == "registry.example/kubetune/runtime:1.2.3"
         probe = f"http://127.0.0.1:{liveness_port}/healthz"
         wait_for(lambda: get(probe)[0] == 200, 30, "the liveness probe")
-        status, text = get(f"http://127.0.0.1:{http_port}/metrics")
-        assert status == 200
-        assert 'kubetune_reconcile_total{kind="FineTuneJob"' in text
+        # The counter moves when a reconcile ends, just after the Job appears: wait for it.
+        metrics = f"http://127.0.0.1:{http_port}/metrics"
+        wait_for(
+            lambda: 'kubetune_reconcile_total{kind="FineTuneJob"' in get(metrics)[1],
+            30,
+            "the reconcile counter in /metrics",
+        )
         assert jobs_of(api, "other", "elsewhere") == []  # only the watched namespace
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -11,9 +11,11 @@ events as HTTP) can all use it at once without deadlocks::
 kmock stays the HTTP server (``aiohttp`` ``RawTestServer``), the request parser, the reaction
 router (user reactions such as ``api.emulator['get /version'] << {...}`` still take precedence),
 the discovery endpoints and the object store (``api.emulator.objects`` keeps each object's latest
-versions for kmock-style assertions). Fault injection: ``fail_next()`` answers the next matching
-requests with an error; ``stall_watches()`` silences the open watch streams (kept open, deaf to
-``timeoutSeconds``), as a stalled TCP stream would; clients recover only by their own timeouts.
+versions for kmock-style assertions); ``rbac_requests()`` names every distinct HTTP request as
+RBAC authorizes it (verb, API group, resource, namespace). Fault injection: ``fail_next()``
+answers the next matching requests with an error; ``stall_watches()`` silences the open watch
+streams (kept open, deaf to ``timeoutSeconds``), as a stalled TCP stream would; clients recover
+only by their own timeouts.
 
 Isolation from a real cluster: the ``kubernetes`` package only copies ``$KUBECONFIG`` into a
 default path at import and loads nothing unless asked, and a kopf registry of our own has no
@@ -81,7 +83,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import aiohttp.web
 import attrs
@@ -119,6 +121,41 @@ OPENAPI_INFO = {"title": "Kubernetes", "version": "v1.26.4"}
 # fmt: on
 REQUEST_RECORDS = 5_000  # kmock records every request; keep the latest ones only
 OBJECT_VERSIONS = 20  # versions of each object kept in ``emulator.objects[...].history``
+
+
+class RbacRequest(NamedTuple):
+    """One HTTP request as RBAC authorizes it (the API server's ``RequestInfo``).
+
+    Resource requests: ``verb`` is get (GET with a name), list (GET of a collection), watch
+    (``?watch=true``, with or without a name), create (POST), update (PUT), patch (PATCH),
+    delete (DELETE with a name) or deletecollection (DELETE of a collection); ``resource`` is
+    the plural, with ``/subresource`` when there is one; ``namespace`` is None for a
+    cluster-scoped resource or a request across all namespaces. Other requests (discovery,
+    ``/version``, ``/openapi``) are non-resource URLs: ``resource`` is empty, ``path`` is the
+    URL path and ``verb`` the lower-case HTTP method.
+    """
+
+    verb: str
+    api_group: str
+    resource: str
+    namespace: str | None
+    path: str = ""
+
+
+def rbac_request(request: kmock.Request) -> RbacRequest:
+    """The :class:`RbacRequest` of an HTTP request as kmock parsed it."""
+    method, ref = request.method.value, request.resource
+    if ref is None or not ref.plural:
+        return RbacRequest(method.lower(), "", "", None, request.url.path)
+    verb = {"POST": "create", "PUT": "update", "PATCH": "patch"}.get(method, method.lower())
+    if method == "GET":
+        watch = _truthy(request.params.get("watch"))
+        verb = "watch" if watch else "get" if request.name else "list"
+    elif method == "DELETE":
+        verb = "delete" if request.name else "deletecollection"
+    sub = request.subresource
+    resource = f"{ref.plural}/{sub}" if sub else ref.plural
+    return RbacRequest(verb, ref.group or "", resource, request.namespace)
 
 
 @dataclass(frozen=True)
@@ -344,6 +381,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
     _writes: int = attrs.field(default=0, init=False)
     _failures: list[list[Any]] = attrs.field(factory=list, init=False)
     _unexpected: list[Exception] = attrs.field(factory=list, init=False)  # bugs of this fake
+    _rbac: set[RbacRequest] = attrs.field(factory=set, init=False)  # every distinct request
     # Fast path: the reactions serving resource requests, called directly while no user
     # reaction exists (kmock otherwise evaluates every reaction's filters for each request,
     # which dominated the CPU time of the operator benchmark).
@@ -649,6 +687,11 @@ class KubeEmulator(kmock.KubernetesEmulator):
             self._counts.clear()
             self._writes = 0
 
+    @property
+    def rbac_requests(self) -> frozenset[RbacRequest]:
+        with self._meta_lock:
+            return frozenset(self._rbac)
+
     def fail_next(
         self, method: str, resource: str, subresource: str | None, status: int, count: int
     ) -> None:
@@ -684,7 +727,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
             res.key if res else request.url.path,
             request.subresource if res else None,
         )
+        rbac = rbac_request(request)
         with self._meta_lock:
+            self._rbac.add(rbac)
             self._counts[key] += 1
             self._writes += key[0] in WRITE_METHODS
             failure = next((f for f in self._failures if tuple(f[:3]) == key and f[4] > 0), None)
@@ -1124,6 +1169,14 @@ class KubeApi:
 
     def reset_counts(self) -> None:
         self.emulator.reset_counts()
+
+    def rbac_requests(self) -> frozenset[RbacRequest]:
+        """Every distinct HTTP request since the start, as RBAC sees it (:class:`RbacRequest`).
+
+        What a client needs RBAC for: ``{(r.api_group, r.resource, r.verb) for r in ...}``;
+        the in-process methods (``get``, ``create``, ...) are not recorded.
+        """
+        return self.emulator.rbac_requests
 
     @property
     def writes(self) -> int:

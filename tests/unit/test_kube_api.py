@@ -23,7 +23,7 @@ import kubernetes.watch
 import pytest
 from kmock._internal import parsing as kmock_parsing
 
-from tests.support.kube_api import KubeApi
+from tests.support.kube_api import KubeApi, RbacRequest
 
 GROUP, VERSION, FTJ = "kubetune.io", "v1alpha1", "finetunejobs"
 FTJ_RES = f"{GROUP}/{VERSION}/{FTJ}"
@@ -488,6 +488,41 @@ def test_fail_next_and_request_counts(api: KubeApi, crs: k8s.CustomObjectsApi) -
     api.reset_counts()
     assert api.writes == 0
     assert api.request_counts() == {}
+
+
+def test_rbac_requests_name_each_request_as_rbac_authorizes_it(api: KubeApi) -> None:
+    cms, cm = "/api/v1/namespaces/default/configmaps", {"metadata": {"name": "c"}}
+    ftjs = f"/apis/{GROUP}/{VERSION}/namespaces/default/{FTJ}"
+    api.create(FTJ_RES, ftj("a"), "default")  # in-process: not recorded
+    requests = [
+        ("POST", cms, cm, ""),
+        ("GET", f"{cms}/c", None, ""),
+        ("GET", cms, None, ""),
+        ("GET", f"{cms}?watch=true&timeoutSeconds=0.1", None, ""),
+        ("PUT", f"{cms}/c", {**cm, "data": {"k": "v"}}, ""),
+        ("PATCH", f"{ftjs}/a/status", {"status": {}}, "application/merge-patch+json"),
+        ("DELETE", f"{cms}/c", None, ""),
+        ("DELETE", cms, None, ""),
+        ("GET", "/apis/batch/v1/jobs", None, ""),
+        ("GET", "/api/v1/namespaces", None, ""),
+        ("GET", "/version", None, ""),
+    ]
+    for method, path, body, ctype in requests:
+        status, _ = call(api, method, path, body, ctype)
+        assert status < 300, (method, path, status)
+    assert api.rbac_requests() == {
+        RbacRequest("create", "", "configmaps", "default"),
+        RbacRequest("get", "", "configmaps", "default"),
+        RbacRequest("list", "", "configmaps", "default"),
+        RbacRequest("watch", "", "configmaps", "default"),
+        RbacRequest("update", "", "configmaps", "default"),
+        RbacRequest("patch", GROUP, f"{FTJ}/status", "default"),
+        RbacRequest("delete", "", "configmaps", "default"),
+        RbacRequest("deletecollection", "", "configmaps", "default"),
+        RbacRequest("list", "batch", "jobs", None),
+        RbacRequest("list", "", "namespaces", None),
+        RbacRequest("get", "", "", None, "/version"),
+    }
 
 
 def test_in_process_api_is_thread_safe_and_emits_events(api: KubeApi) -> None:

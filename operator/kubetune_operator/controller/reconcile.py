@@ -268,6 +268,18 @@ def _finish_status(
     return None if status == old else status
 
 
+def _run_finished(conditions: list[dict[str, Any]] | None, status: dict[str, Any]) -> bool:
+    """Whether the run is over for good.
+
+    A spec rejected before anything ran (InvalidSpec, no Job recorded) is not a finished run:
+    once the spec is fixed, the run starts.
+    """
+    summary = find(conditions, "Succeeded")
+    if summary is None or summary["status"] not in TERMINAL:
+        return False
+    return not (summary["reason"] == "InvalidSpec" and not status.get("jobName"))
+
+
 def plan_run(
     kind: str,
     *,
@@ -308,12 +320,7 @@ def plan_run(
         status.pop("runId", None)
     run_job = next((j for j in observed.jobs if j.name == desire.job_name), None)
     stale = tuple(j.name for j in observed.jobs if j.name != desire.job_name and not j.deleting)
-    summary = find(old_conditions, "Succeeded")
-    # A spec rejected before anything ran is not a finished run: once fixed, the run starts.
-    never_ran = (
-        summary is not None and summary["reason"] == "InvalidSpec" and not (status.get("jobName"))
-    )
-    finished = summary is not None and summary["status"] in TERMINAL and not never_ran
+    finished = _run_finished(old_conditions, status)
 
     if finished:
         return _plan_finished(

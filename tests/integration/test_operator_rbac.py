@@ -1,0 +1,341 @@
+"""RBAC derived from the code: the chart grants exactly the API calls the operator makes.
+
+The real operator (``operator_support.operator``, what ``kubetune operator`` runs) works
+against the API emulator and the kubelet harness through every path of its code that calls the
+API: a multi-node run that succeeds and is cleaned up by its TTL (Secret, ConfigMap, Service,
+Job, Events, status), an EvalJob resolved from that FineTuneJob, the progress endpoint (reads the
+token Secret, patches status), suspension (patches the Job), an image that cannot be pulled
+(deletes the Job and ConfigMap), a Job deleted behind the operator's back (GETs it), a new
+``runId`` (deletes the old run), and a restart. The emulator records every HTTP request as RBAC
+sees it (``KubeApi.rbac_requests``: verb, API group, resource[/subresource], namespace).
+
+Then the chart is rendered in the same mode (all namespaces, or ``watchNamespaces`` with the
+scenarios in the watched namespaces) and the permissions of the operator's ServiceAccount are
+computed from its (Cluster)Roles and bindings. The test fails when:
+
+* a request is not allowed: cluster-wide requests need a ClusterRole, namespaced ones a Role in
+  that namespace or a ClusterRole (the operator would get 403 Forbidden);
+* a permission is granted that no request used ("no more"), apart from ``ADMISSION_ONLY``.
+"""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from kubetune_operator.controller.handlers import RUN_KINDS
+from tests.integration.operator_support import (
+    EVJ,
+    FTJ,
+    JOBS,
+    OperatorThread,
+    condition,
+    jobs_of,
+    operator,
+    wait_condition,
+    wait_for,
+)
+from tests.support.helm import Grant, Helm, allows, granted, session_helm
+from tests.support.kube_api import KubeApi, RbacRequest
+from tests.support.kubelet import Fail, Hang, ImagePullBackOff, Kubelet, Succeed
+
+pytestmark = pytest.mark.integration
+
+Obj = dict[str, Any]
+TEAM_A, TEAM_B = "team-a", "team-b"
+RELEASE_NS, ACCOUNT = "kubetune-system", "kubetune"  # `helm install kubetune -n kubetune-system`
+TIMEOUT = 30.0
+DIGEST = "sha256:" + "5e" * 32
+TRAINED = json.dumps(
+    {
+        "status": "Succeeded",
+        "reason": "TrainingSucceeded",
+        "message": "published",
+        "artifact": {"uri": "s3://models/x/adapter", "digest": DIGEST, "sizeBytes": 10},
+    }
+)
+EVALUATED = json.dumps(
+    {
+        "status": "Succeeded",
+        "reason": "EvaluationSucceeded",
+        "message": "no gates",
+        "evaluation": {"summary": [], "gates": [], "passed": True},
+    }
+)
+DATA_INVALID = json.dumps({"status": "Failed", "reason": "DataInvalid", "message": "row 3"})
+
+# Permissions no request can show, but that the code provably needs. Children carry owner
+# references with blockOwnerDeletion=true (manifests.common.owner_reference, checked below);
+# where the OwnerReferencesPermissionEnforcement admission plugin runs (OpenShift), the API
+# server allows that only with `update` on the owner's `finalizers` subresource. The emulator
+# has no admission plugins, so no request ever asks for it.
+ADMISSION_ONLY = {
+    ("kubetune.io", f"{plural}/finalizers", "update") for plural in RUN_KINDS.values()
+}
+
+# Non-resource URLs (discovery, version, OpenAPI): every authenticated client may GET them
+# through the built-in ClusterRole system:discovery; the chart grants none.
+SYSTEM_DISCOVERY = ("/api", "/api/*", "/apis", "/apis/*", "/openapi", "/openapi/*", "/version")
+
+
+# ------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def helm(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Helm:
+    return session_helm(pytestconfig, tmp_path_factory)
+
+
+@pytest.fixture
+def api() -> Iterator[KubeApi]:
+    with KubeApi() as server:
+        for name in (TEAM_A, TEAM_B):  # kopf watches a listed namespace once it exists
+            server.create("v1/namespaces", {"metadata": {"name": name}})
+        yield server
+        assert server.unexpected_errors == []
+
+
+# ------------------------------------------------------------------------------------ manifests
+def finetunejob(name: str, namespace: str, **spec: Any) -> Obj:
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "baseModel": {"uri": "s3://models/tiny-base"},
+            "dataset": {
+                "train": {
+                    "uri": "s3://datasets/gsm8k/train.jsonl",
+                    "format": "promptCompletion",
+                    "columns": {"prompt": "question", "completion": "answer"},
+                },
+                "maxSeqLength": 256,
+            },
+            "method": "lora",
+            "training": {"maxSteps": 20, "learningRate": "1e-3"},
+            "output": {"uri": f"s3://models/{namespace}/{name}"},
+            **spec,
+        },
+    }
+
+
+def evaljob(name: str, namespace: str, finetunejob_name: str) -> Obj:
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "EvalJob",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "target": {"fineTuneJobRef": {"name": finetunejob_name}},
+            "suites": [
+                {
+                    "name": "ppl",
+                    "type": "perplexity",
+                    "dataset": {
+                        "uri": "s3://datasets/gsm8k/test.jsonl",
+                        "format": "promptCompletion",
+                        "columns": {"prompt": "question", "completion": "answer"},
+                    },
+                }
+            ],
+            "output": {"uri": f"s3://models/{namespace}/{name}"},
+        },
+    }
+
+
+def behaviour(job: Obj, pod: Obj, attempt: int) -> Any:
+    """Each scenario's pods, chosen by the Job's name."""
+    name = job["metadata"]["name"]
+    if name.startswith("pull-"):
+        return ImagePullBackOff(period=0.3)
+    if name.startswith(("chatty-", "vanish-")):
+        return Hang()
+    if name == "rerun-train":
+        return Fail(3, DATA_INVALID)
+    if "-evaluate" in name:
+        return Succeed(EVALUATED, after=0.1)
+    return Succeed(TRAINED, after=0.1)
+
+
+# ------------------------------------------------------------------------------------ scenarios
+def report_progress(op: OperatorThread, api: KubeApi, namespace: str, name: str) -> None:
+    """POST one progress report with the job's token; the operator reads the Secret."""
+    secret = api.get("v1/secrets", namespace, f"{name}-progress")
+    assert secret is not None
+    token = (
+        base64.b64decode(secret["data"]["token"]).decode()
+        if "token" in (secret.get("data") or {})
+        else str(secret["stringData"]["token"])
+    )
+    base = op.settings.children.progress_base_url
+    request = urllib.request.Request(  # noqa: S310 - the local operator
+        f"{base}/{namespace}/{name}",
+        data=json.dumps({"step": 3, "totalSteps": 20, "percent": 15}).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+        assert response.status == 204
+
+
+def exercise(api: KubeApi, **settings: Any) -> None:
+    """Every API-calling path of the operator, then a restart; asserts each outcome."""
+    a, b = TEAM_A, TEAM_B
+    with operator(api, **settings) as op, Kubelet(api, behaviour):
+        # Multi-node (headless Service) with a TTL: success, then every child is deleted.
+        api.create(
+            FTJ,
+            finetunejob(
+                "done",
+                b,
+                distributed={"nodes": 2, "processesPerNode": 1},
+                ttlSecondsAfterFinished=1,
+            ),
+        )
+        api.create(EVJ, evaljob("eval", b, "done"))  # waits for "done", then runs
+        api.create(FTJ, finetunejob("chatty", a))  # progress report, then suspended
+        api.create(FTJ, finetunejob("pull", a))  # ImagePullFailed: Job and ConfigMap deleted
+        api.create(FTJ, finetunejob("vanish", a))  # its Job deleted by hand: JobMissing
+        api.create(FTJ, finetunejob("rerun", a))  # DataInvalid, then a new runId
+
+        wait_condition(api, FTJ, a, "chatty", "Running", "True", timeout=TIMEOUT)
+        report_progress(op, api, a, "chatty")
+        wait_for(
+            lambda: ((api.get(FTJ, a, "chatty") or {}).get("status") or {}).get("progress"),
+            TIMEOUT,
+            "status.progress",
+        )
+        api.patch(FTJ, a, "chatty", {"spec": {"suspend": True}})
+        wait_condition(api, FTJ, a, "chatty", "Suspended", "True", timeout=TIMEOUT)
+        assert api.get(JOBS, a, "chatty-train")["spec"]["suspend"] is True
+
+        wait_condition(api, FTJ, a, "vanish", "Running", "True", timeout=TIMEOUT)
+        api.delete(JOBS, a, "vanish-train")
+        wait_condition(api, FTJ, a, "vanish", "Succeeded", "False", "JobMissing", TIMEOUT)
+
+        wait_condition(api, FTJ, a, "rerun", "Succeeded", "False", "DataInvalid", TIMEOUT)
+        api.patch(FTJ, a, "rerun", {"spec": {"runId": "fixed"}})
+        rerun = wait_condition(api, FTJ, a, "rerun", "Succeeded", "True", timeout=TIMEOUT)
+        assert rerun["status"]["jobName"] == "rerun-train-fixed"
+        wait_for(lambda: api.get(JOBS, a, "rerun-train") is None, TIMEOUT, "the old run's Job")
+
+        wait_condition(api, FTJ, a, "pull", "Succeeded", "False", "ImagePullFailed", TIMEOUT)
+        wait_for(lambda: not jobs_of(api, a, "pull"), TIMEOUT, "the unpullable Job's deletion")
+
+        wait_condition(api, FTJ, b, "done", "Succeeded", "True", timeout=TIMEOUT)
+        selector = "kubetune.io/finetunejob=done"
+        wait_for(
+            lambda: (
+                not any(
+                    api.list(resource, b, selector)
+                    for resource in ("v1/configmaps", "v1/secrets", "v1/services", JOBS)
+                )
+            ),
+            TIMEOUT,
+            "the TTL to delete every child of 'done'",
+        )
+        evaluated = wait_condition(api, EVJ, b, "eval", "Succeeded", "True", timeout=TIMEOUT)
+        assert condition(evaluated, "Passed")["status"] == "True"
+
+    # A restart: kopf lists everything again, the operator re-reads its caches.
+    with operator(api, **settings):
+        time.sleep(2.5)  # two resync periods
+
+
+def owner_kinds_blocking_deletion(api: KubeApi) -> set[str]:
+    """Kinds of owner references with blockOwnerDeletion=true on the remaining children."""
+    kinds = set()
+    for resource in (JOBS, "v1/configmaps", "v1/secrets"):
+        for obj in api.list(resource):
+            for ref in obj["metadata"].get("ownerReferences") or []:
+                if ref.get("blockOwnerDeletion"):
+                    kinds.add(ref["kind"])
+    return kinds
+
+
+# ------------------------------------------------------------------------------------ checks
+def discovery_allows(path: str) -> bool:
+    return any(
+        fnmatch.fnmatchcase(path, pattern) if "*" in pattern else path == pattern
+        for pattern in SYSTEM_DISCOVERY
+    )
+
+
+def check(observed: frozenset[RbacRequest], grants: set[Grant]) -> set[tuple[str, str, str]]:
+    """Asserts (a) and (b); returns the observed (apiGroup, resource, verb) set."""
+    resource_requests = {r for r in observed if r.resource}
+    forbidden = sorted(
+        r
+        for r in resource_requests
+        if not allows(grants, r.api_group, r.resource, r.verb, r.namespace)
+    )
+    assert forbidden == [], "the chart's RBAC forbids requests the operator makes"
+    others = sorted(r.path for r in observed if not r.resource and not discovery_allows(r.path))
+    assert others == [], "non-resource requests beyond discovery"
+
+    used = {(r.api_group, r.resource, r.verb) for r in resource_requests}
+    unused = sorted({(g.api_group, g.resource, g.verb) for g in grants} - used - ADMISSION_ONLY)
+    assert unused == [], "the chart grants permissions the operator never uses"
+    assert not ADMISSION_ONLY & used, "an allowlisted permission is observed: drop it from the list"
+    assert {(g.api_group, g.resource, g.verb) for g in grants} >= ADMISSION_ONLY
+    return used
+
+
+def test_the_chart_grants_exactly_what_the_operator_uses_in_all_namespaces(
+    api: KubeApi, helm: Helm
+) -> None:
+    exercise(api)
+    assert owner_kinds_blocking_deletion(api) == set(RUN_KINDS)  # ADMISSION_ONLY's proof
+
+    observed = api.rbac_requests()
+    grants = granted(helm.template(namespace=RELEASE_NS), ACCOUNT, RELEASE_NS)
+    used = check(observed, grants)
+    assert all(g.namespace is None for g in grants)  # one ClusterRole
+    # The operator never lists or watches Secrets, so no RBAC lets it enumerate them.
+    assert {v for g, res, v in used if (g, res) == ("", "secrets")} == {"get", "create", "delete"}
+
+
+def test_the_chart_grants_exactly_what_the_operator_uses_in_watched_namespaces(
+    api: KubeApi, helm: Helm
+) -> None:
+    watched = [TEAM_A, TEAM_B]
+    exercise(api, namespaces=tuple(watched))
+
+    observed = api.rbac_requests()
+    docs = helm.template(values={"watchNamespaces": watched}, namespace=RELEASE_NS)
+    check(observed, granted(docs, ACCOUNT, RELEASE_NS))
+    # Namespaced requests stay in the watched namespaces; cluster-wide ones are only kopf's
+    # start-up reads of cluster-scoped resources.
+    assert {r.namespace for r in observed if r.resource and r.namespace} == set(watched)
+    cluster_wide = {
+        (r.api_group, r.resource, r.verb) for r in observed if r.resource and not r.namespace
+    }
+    assert cluster_wide == {
+        ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+        ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+        ("", "namespaces", "list"),
+        ("", "namespaces", "watch"),
+    }
+
+
+def test_the_comparison_is_not_vacuous() -> None:
+    """Negative controls: a missing, a misplaced and an unused permission each fail ``check``."""
+    admission = {Grant(g, r, v, None) for g, r, v in ADMISSION_ONLY}
+    observed = frozenset(
+        {RbacRequest("create", "", "secrets", TEAM_A), RbacRequest("get", "", "", None, "/apis")}
+    )
+    grants = {Grant("", "secrets", "create", TEAM_A), *admission}
+    check(observed, grants)
+    with pytest.raises(AssertionError, match="forbids"):
+        check(observed, admission)
+    with pytest.raises(AssertionError, match="forbids"):
+        check(observed, {Grant("", "secrets", "create", TEAM_B), *admission})
+    with pytest.raises(AssertionError, match="never uses"):
+        check(observed, {*grants, Grant("", "secrets", "list", None)})
+    with pytest.raises(AssertionError, match="beyond discovery"):
+        check(observed | {RbacRequest("get", "", "", None, "/metrics")}, grants)

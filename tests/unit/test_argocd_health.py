@@ -1,0 +1,661 @@
+"""The Argo CD health checks (docs/argocd/*.lua), run in a real Lua 5.1 interpreter.
+
+Argo CD runs health checks in gopher-lua, a Lua 5.1, and gives scripts set in argocd-cm only
+the base, table and package libraries plus a reduced `os` (util/lua/lua.go in argo-cd). The
+harness below mirrors that: lupa's Lua 5.1 with string, math, io, os, debug and coroutine
+removed, and no string methods. `obj` is the resource as Argo CD hands it over: JSON objects
+as tables, arrays as 1-based sequences, numbers as floats.
+
+FineTuneJob and EvalJob samples are statuses computed by the operator's own reconcile
+(`plan_run`), so the scripts are checked against what the operator writes, not against a
+reading of the docs. AdapterDeployments are not reconciled yet (issue 7): their samples are
+written by hand and validated against the API's status model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from lupa.lua51 import LuaError, LuaRuntime
+
+from kubetune_operator.api.adapterdeployment import AdapterDeploymentStatus
+from kubetune_operator.controller import desired
+from kubetune_operator.controller.observe import JobView, PodView, Terminated
+from kubetune_operator.controller.reconcile import Desire, Observed, plan_run
+from kubetune_operator.manifests.common import OperatorSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+ARGOCD = ROOT / "docs/argocd"
+SCRIPTS = {
+    "FineTuneJob": "finetunejob.lua",
+    "EvalJob": "evaljob.lua",
+    "AdapterDeployment": "adapterdeployment.lua",
+}
+# gitops-engine's HealthStatusCode values; anything else becomes Unknown in Argo CD.
+ARGO_STATUSES = {"Healthy", "Progressing", "Degraded", "Suspended", "Missing", "Unknown"}
+
+NOW = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
+UID = "0f9e8d7c-1111-2222-3333-444455556666"
+DIGEST = "sha256:" + "ab" * 32
+SETTINGS = OperatorSettings()
+GRACE = 300.0
+
+# Argo CD opens no string, math, io, debug or coroutine library for argocd-cm scripts; the
+# string metatable goes too, so ("x"):upper() fails here as it does there.
+SANDBOX = """
+getmetatable("").__index = nil
+string, math, io, os, debug, coroutine = nil, nil, nil, nil, nil, nil
+"""
+
+
+# ---------------------------------------------------------------------------- harness
+
+
+def to_lua(lua: Any, value: Any) -> Any:
+    """A JSON value as Argo CD's decodeValue hands it to Lua (null keys are absent)."""
+    if isinstance(value, dict):
+        return lua.table_from({k: to_lua(lua, v) for k, v in value.items() if v is not None})
+    if isinstance(value, list):
+        return lua.table_from([to_lua(lua, v) for v in value])
+    if isinstance(value, bool | str):
+        return value
+    if isinstance(value, int | float):
+        return float(value)  # unstructured int64 and float64 both become an LNumber
+    raise TypeError(f"not a JSON value: {value!r}")
+
+
+def health(kind: str, resource: dict[str, Any]) -> tuple[str, str]:
+    """Run the kind's health check on ``resource``; returns (status, message)."""
+    lua = LuaRuntime(register_eval=False, register_builtins=False, unpack_returned_tuples=False)
+    lua.execute(SANDBOX)
+    lua.globals()["obj"] = to_lua(lua, json.loads(json.dumps(resource)))
+    result = lua.execute((ARGOCD / SCRIPTS[kind]).read_text(encoding="utf-8"))
+    assert lua.eval("type")(result) == "table", "a health check returns a table"
+    fields = dict(result.items())
+    assert set(fields) == {"status", "message"}, fields
+    status, message = fields["status"], fields["message"]
+    assert status in ARGO_STATUSES
+    assert isinstance(message, str)
+    assert message
+    return status, message
+
+
+def test_the_harness_has_no_string_library_like_argo_cd() -> None:
+    lua = LuaRuntime(register_eval=False, register_builtins=False)
+    lua.execute(SANDBOX)
+    for snippet in ('return ("x"):upper()', 'return string.format("%d", 1)', "return math.max(1)"):
+        with pytest.raises(LuaError, match=r"attempt to (call|index)"):
+            lua.execute(snippet)
+    assert lua.execute('return table.concat({"a", tostring(2.0)}, "-") .. "!"') == "a-2!"
+
+
+def test_argocd_cm_patch_carries_exactly_the_scripts() -> None:
+    data = yaml.safe_load((ARGOCD / "argocd-cm-patch.yaml").read_text(encoding="utf-8"))["data"]
+    for kind, name in SCRIPTS.items():
+        key = f"resource.customizations.health.kubetune.io_{kind}"
+        assert data[key] == (ARGOCD / name).read_text(encoding="utf-8"), (
+            f"{key} differs from docs/argocd/{name}: copy the script into the patch"
+        )
+    ignored = yaml.safe_load(
+        data["resource.customizations.ignoreResourceUpdates.kubetune.io_FineTuneJob"]
+    )
+    assert ignored == {"jsonPointers": ["/status/progress"]}
+
+
+# ---------------------------------------------------------------------------- FineTuneJob
+
+
+def ftj(generation: int = 1, **spec_changes: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load(
+        (ROOT / "examples/finetunejob-lora-gsm8k.yaml").read_text()
+    )
+    doc["metadata"].update(uid=UID, namespace="team-a", generation=generation)
+    doc["spec"].update(spec_changes)
+    return doc
+
+
+def ftj_plan(
+    doc: dict[str, Any],
+    status: dict[str, Any],
+    jobs: tuple[JobView, ...] = (),
+    pods: tuple[PodView, ...] = (),
+    *,
+    now: datetime = NOW,
+) -> dict[str, Any]:
+    """The status the operator writes after one reconcile (the old one when unchanged)."""
+    model = desired.parse(doc)
+    desire = desired.finetune_desire(doc, model, SETTINGS)  # type: ignore[arg-type]
+    plan = plan_run(
+        "FineTuneJob",
+        generation=doc["metadata"]["generation"],
+        old_status=status,
+        desire=desire,
+        observed=Observed(jobs=jobs, pods=pods),
+        now=now,
+        image_pull_grace_seconds=GRACE,
+    )
+    return plan.status if plan.status is not None else status
+
+
+def job_of(doc: dict[str, Any], **fields: Any) -> JobView:
+    model = desired.parse(doc)
+    desire = desired.finetune_desire(doc, model, SETTINGS)  # type: ignore[arg-type]
+    return JobView(name=desire.job_name, uid="job-uid", spec_hash=desire.spec_hash, **fields)
+
+
+def result(reason: str = "TrainingSucceeded", **fields: Any) -> str:
+    return json.dumps({"status": "Succeeded", "reason": reason, **fields})
+
+
+def with_status(doc: dict[str, Any], status: dict[str, Any] | None) -> dict[str, Any]:
+    out = copy.deepcopy(doc)
+    if status is not None:
+        out["status"] = status
+    return out
+
+
+def ftj_running(doc: dict[str, Any]) -> tuple[dict[str, Any], JobView]:
+    created = ftj_plan(doc, {})
+    job = job_of(doc, active=1, start_time=NOW)
+    return ftj_plan(doc, created, (job,), (PodView("p", "Running"),)), job
+
+
+def ftj_succeeded(doc: dict[str, Any]) -> tuple[dict[str, Any], JobView, PodView]:
+    running, job = ftj_running(doc)
+    done = replace(job, active=0, complete=True, succeeded=1, completion_time=NOW)
+    artifact = {"uri": "s3://models/gsm8k/adapter", "digest": DIGEST}
+    pod = PodView(
+        "p",
+        "Succeeded",
+        terminated=Terminated(0, "Completed", result(message="published", artifact=artifact)),
+    )
+    return ftj_plan(doc, running, (done,), (pod,)), done, pod
+
+
+def test_finetunejob_without_status_is_progressing() -> None:
+    assert health("FineTuneJob", ftj()) == (
+        "Progressing",
+        "Waiting for the kubetune operator to report a status",
+    )
+    empty = with_status(ftj(), {"conditions": []})
+    assert health("FineTuneJob", empty)[0] == "Progressing"
+
+
+def test_finetunejob_pending_and_running_are_progressing() -> None:
+    doc = ftj()
+    pending = ftj_plan(doc, {})
+    status, message = health("FineTuneJob", with_status(doc, pending))
+    assert (status, message.split(":")[0]) == ("Progressing", "Pending")
+    running, _ = ftj_running(doc)
+    status, message = health("FineTuneJob", with_status(doc, running))
+    assert (status, message.split(":")[0]) == ("Progressing", "Running")
+
+
+@pytest.mark.parametrize(
+    ("pod", "reason"),
+    [
+        pytest.param(
+            PodView("p", "Pending", unschedulable="0/3 nodes are available: 3 Insufficient gpu"),
+            "Unschedulable",
+            id="unschedulable",
+        ),
+        pytest.param(
+            PodView("p", "Pending", start_time=NOW, waiting_reason="ImagePullBackOff"),
+            "ImagePullBackOff",
+            id="image-pull-backoff",
+        ),
+    ],
+)
+def test_finetunejob_waits_are_not_failures(pod: PodView, reason: str) -> None:
+    doc = ftj()
+    job = job_of(doc, start_time=NOW)
+    status = ftj_plan(doc, ftj_plan(doc, {}), (job,), (pod,))
+    summary = next(c for c in status["conditions"] if c["type"] == "Succeeded")
+    assert (summary["status"], summary["reason"]) == ("Unknown", reason)
+    assert health("FineTuneJob", with_status(doc, status)) == (
+        "Progressing",
+        f"{reason}: {summary['message']}",
+    )
+
+
+def test_finetunejob_suspended_by_spec_is_suspended() -> None:
+    doc = ftj(suspend=True)
+    status = ftj_plan(doc, {})
+    assert health("FineTuneJob", with_status(doc, status)) == (
+        "Suspended",
+        "Suspended: the run is suspended (spec.suspend)",
+    )
+
+
+def test_finetunejob_waiting_for_kueue_is_suspended() -> None:
+    doc = ftj()
+    doc["spec"].setdefault("scheduling", {})["queueName"] = "team-a-gpus"
+    status = ftj_plan(doc, {})
+    assert health("FineTuneJob", with_status(doc, status)) == (
+        "Suspended",
+        "WaitingForAdmission: waiting for Kueue to admit the Job",
+    )
+    admitted = job_of(doc, active=1, start_time=NOW)
+    running = ftj_plan(doc, status, (admitted,), (PodView("p", "Running"),))
+    assert health("FineTuneJob", with_status(doc, running))[0] == "Progressing"
+
+
+def test_finetunejob_succeeded_for_the_current_generation_is_healthy() -> None:
+    doc = ftj()
+    status, _, _ = ftj_succeeded(doc)
+    assert health("FineTuneJob", with_status(doc, status)) == (
+        "Healthy",
+        "Succeeded: published; artifact s3://models/gsm8k/adapter",
+    )
+
+
+def test_finetunejob_status_of_an_older_generation_is_progressing() -> None:
+    doc = ftj()
+    status, _, _ = ftj_succeeded(doc)
+    edited = ftj(generation=2, runId="second")  # a rerun the operator has not seen yet
+    assert health("FineTuneJob", with_status(edited, status)) == (
+        "Progressing",
+        "Waiting for the kubetune operator to observe generation 2",
+    )
+    # Once it has: the new run is pending, whatever the previous one did.
+    rerun = ftj_plan(edited, status)
+    assert rerun["observedGeneration"] == 2
+    assert health("FineTuneJob", with_status(edited, rerun))[0] == "Progressing"
+
+
+def test_finetunejob_condition_generation_wins_over_the_status_one() -> None:
+    doc = ftj(generation=3)
+    status, _, _ = ftj_succeeded(ftj(generation=3))
+    for cond in status["conditions"]:
+        if cond["type"] == "Succeeded":
+            cond["observedGeneration"] = 2
+    assert health("FineTuneJob", with_status(doc, status))[0] == "Progressing"
+
+
+def test_finetunejob_spec_edit_after_success_stays_healthy_and_says_so() -> None:
+    doc = ftj(ttlSecondsAfterFinished=60)
+    status, _, _ = ftj_succeeded(doc)
+    edited = ftj(generation=2, ttlSecondsAfterFinished=60, backoffLimit=5)
+    after = ftj_plan(edited, status, now=NOW + timedelta(hours=1))  # TTL removed the Job
+    verdict, message = health("FineTuneJob", with_status(edited, after))
+    assert verdict == "Healthy"
+    assert "(RunFinished: the spec changed after the run finished" in message
+
+
+def test_finetunejob_spec_edit_while_running_is_reported() -> None:
+    doc = ftj()
+    running, job = ftj_running(doc)
+    edited = ftj(generation=2, backoffLimit=4)
+    status = ftj_plan(edited, running, (job,), (PodView("p", "Running"),))
+    verdict, message = health("FineTuneJob", with_status(edited, status))
+    assert verdict == "Progressing"
+    assert message.startswith("Running")
+    assert "(RunInProgress: " in message
+
+
+@pytest.mark.parametrize(
+    ("job_fields", "pods", "reason"),
+    [
+        pytest.param(
+            {"failed_reason": "BackoffLimitExceeded", "failed": 3},
+            (PodView("p", "Failed", terminated=Terminated(137, "OOMKilled")),),
+            "OOMKilled",
+            id="oom-killed",
+        ),
+        pytest.param({"failed_reason": "DeadlineExceeded"}, (), "DeadlineExceeded", id="deadline"),
+        pytest.param(
+            {"complete": True, "succeeded": 1},
+            (PodView("p", "Succeeded", terminated=Terminated(0, "Completed", "not json")),),
+            "ResultMissing",
+            id="no-result",
+        ),
+    ],
+)
+def test_finetunejob_failed_is_degraded_with_reason_and_message(
+    job_fields: dict[str, Any], pods: tuple[PodView, ...], reason: str
+) -> None:
+    doc = ftj()
+    running, job = ftj_running(doc)
+    status = ftj_plan(doc, running, (replace(job, active=0, **job_fields),), pods)
+    summary = next(c for c in status["conditions"] if c["type"] == "Succeeded")
+    assert (summary["status"], summary["reason"]) == ("False", reason)
+    assert health("FineTuneJob", with_status(doc, status)) == (
+        "Degraded",
+        f"{reason}: {summary['message']}",
+    )
+
+
+def test_finetunejob_failed_after_a_refused_edit_is_degraded_and_says_so() -> None:
+    doc = ftj()
+    running, job = ftj_running(doc)
+    edited = ftj(generation=2, backoffLimit=4)
+    refused = ftj_plan(edited, running, (job,), (PodView("p", "Running"),))
+    failed = replace(job, active=0, failed_reason="DeadlineExceeded")
+    status = ftj_plan(edited, refused, (failed,))
+    verdict, message = health("FineTuneJob", with_status(edited, status))
+    assert verdict == "Degraded"
+    assert message.startswith("DeadlineExceeded: ")
+    assert "(RunInProgress: " in message
+
+
+def test_finetunejob_invalid_spec_is_degraded() -> None:
+    doc = ftj()
+    doc["spec"]["method"] = "sparse"
+    status = ftj_plan(doc, {})
+    verdict, message = health("FineTuneJob", with_status(doc, status))
+    assert verdict == "Degraded"
+    assert message.startswith("InvalidSpec: ")
+    assert "spec.method" in message
+
+
+# ---------------------------------------------------------------------------- EvalJob
+
+
+def evaljob(generation: int = 1) -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load((ROOT / "examples/evaljob-gates.yaml").read_text())
+    doc["metadata"].update(uid=UID, namespace="team-a", generation=generation)
+    return doc
+
+
+def eval_plan(
+    doc: dict[str, Any],
+    status: dict[str, Any],
+    source: dict[str, Any] | None,
+    jobs: tuple[JobView, ...] = (),
+    pods: tuple[PodView, ...] = (),
+) -> tuple[dict[str, Any], Desire]:
+    """(status after one reconcile, what the spec asks for); ``source`` is the FineTuneJob."""
+    model = desired.parse(doc)
+    desire = desired.eval_desire(
+        doc,
+        model,  # type: ignore[arg-type]
+        SETTINGS,
+        lambda _namespace, _name: source,
+    )
+    plan = plan_run(
+        "EvalJob",
+        generation=doc["metadata"]["generation"],
+        old_status=status,
+        desire=desire,
+        observed=Observed(jobs=jobs, pods=pods),
+        now=NOW,
+        image_pull_grace_seconds=GRACE,
+    )
+    return (plan.status if plan.status is not None else status), desire
+
+
+def succeeded_source() -> dict[str, Any]:
+    doc = ftj()
+    status, _, _ = ftj_succeeded(doc)
+    return with_status(doc, status)
+
+
+def evaluated(gates: list[dict[str, Any]], passed: bool) -> dict[str, Any]:
+    """An EvalJob's status after its pod reported these gates."""
+    doc, source = evaljob(), succeeded_source()
+    pending, desire = eval_plan(doc, {}, source)
+    job = JobView(
+        name=desire.job_name,
+        uid="j",
+        spec_hash=desire.spec_hash,
+        complete=True,
+        succeeded=1,
+        start_time=NOW,
+    )
+    message = result(
+        "EvaluationSucceeded",
+        evaluation={"gates": gates, "passed": passed, "resultsUri": "s3://eval/r"},
+    )
+    pod = PodView("p", "Succeeded", terminated=Terminated(0, "Completed", message))
+    status, _ = eval_plan(doc, pending, source, (job,), (pod,))
+    return status
+
+
+GATE_OK = {
+    "suite": "gsm8k-accuracy",
+    "metric": "exactMatch",
+    "passed": True,
+    "message": "0.41 >= 0.35",
+}
+GATE_BAD = {
+    "suite": "general",
+    "metric": "hellaswag/acc_norm",
+    "passed": False,
+    "message": "-0.03 < -0.01",
+}
+
+
+def test_evaljob_gates_passed_is_healthy() -> None:
+    status = evaluated([GATE_OK, {**GATE_OK, "suite": "gsm8k-perplexity"}], passed=True)
+    assert health("EvalJob", with_status(evaljob(), status)) == (
+        "Healthy",
+        "Evaluation succeeded; 2/2 gates passed",
+    )
+
+
+def test_evaljob_without_gates_is_healthy() -> None:
+    status = evaluated([], passed=True)
+    assert health("EvalJob", with_status(evaljob(), status)) == (
+        "Healthy",
+        "Evaluation succeeded (no gates)",
+    )
+
+
+def test_evaljob_failed_gate_is_degraded_and_names_the_gate() -> None:
+    status = evaluated([GATE_OK, GATE_BAD], passed=False)
+    passed = next(c for c in status["conditions"] if c["type"] == "Passed")
+    assert (passed["status"], passed["reason"]) == ("False", "GatesFailed")
+    assert health("EvalJob", with_status(evaljob(), status)) == (
+        "Degraded",
+        "Evaluation succeeded but gates failed, so the adapter is not promoted: "
+        "general/hellaswag/acc_norm: -0.03 < -0.01",
+    )
+    # Without the per-gate list, the Passed condition still decides and explains.
+    status.pop("gates")
+    assert health("EvalJob", with_status(evaljob(), status)) == (
+        "Degraded",
+        "Evaluation succeeded but gates failed, so the adapter is not promoted: "
+        "GatesFailed: at least one gate failed",
+    )
+
+
+def test_evaljob_waiting_for_its_finetunejob_is_progressing() -> None:
+    doc = evaljob()
+    missing, _ = eval_plan(doc, {}, None)
+    verdict, message = health("EvalJob", with_status(doc, missing))
+    assert (verdict, message.split(":")[0]) == ("Progressing", "FineTuneJobNotFound")
+    running_doc = ftj()
+    training, _ = ftj_running(running_doc)
+    waiting, _ = eval_plan(doc, {}, with_status(running_doc, training))
+    verdict, message = health("EvalJob", with_status(doc, waiting))
+    assert (verdict, message.split(":")[0]) == ("Progressing", "WaitingForFineTuneJob")
+
+
+def test_evaljob_of_a_failed_finetunejob_is_degraded() -> None:
+    doc, source_doc = evaljob(), ftj()
+    running, job = ftj_running(source_doc)
+    failed = ftj_plan(source_doc, running, (replace(job, failed_reason="DeadlineExceeded"),))
+    status, _ = eval_plan(doc, {}, with_status(source_doc, failed))
+    verdict, message = health("EvalJob", with_status(doc, status))
+    assert verdict == "Degraded"
+    assert message.startswith("FineTuneJobFailed: ")
+
+
+def test_evaljob_pending_then_suspended() -> None:
+    doc, source = evaljob(), succeeded_source()
+    pending, _ = eval_plan(doc, {}, source)
+    assert health("EvalJob", with_status(doc, pending))[0] == "Progressing"
+    doc["spec"]["suspend"] = True
+    suspended, _ = eval_plan(doc, {}, source)
+    assert health("EvalJob", with_status(doc, suspended))[0] == "Suspended"
+
+
+def test_evaljob_status_of_an_older_generation_is_progressing() -> None:
+    status = evaluated([GATE_BAD], passed=False)
+    assert health("EvalJob", with_status(evaljob(generation=2), status)) == (
+        "Progressing",
+        "Waiting for the kubetune operator to observe generation 2",
+    )
+
+
+# ---------------------------------------------------------------------------- AdapterDeployment
+
+
+def adapterdeployment(generation: int = 1, **spec_changes: Any) -> dict[str, Any]:
+    path = ROOT / "examples/adapterdeployment-three-adapters.yaml"
+    doc: dict[str, Any] = yaml.safe_load(path.read_text())
+    doc["metadata"].update(uid=UID, generation=generation)
+    doc["spec"].update(spec_changes)
+    return doc
+
+
+def cond(kind: str, status: str, reason: str, message: str, generation: int = 1) -> dict[str, Any]:
+    return {
+        "type": kind,
+        "status": status,
+        "observedGeneration": generation,
+        "lastTransitionTime": "2026-11-29T12:00:00Z",
+        "reason": reason,
+        "message": message,
+    }
+
+
+def ad_status(
+    ready: tuple[str, str, str],
+    adapters: dict[str, str],
+    *,
+    degraded: tuple[str, str, str] = ("False", "AsExpected", "no adapter is failing"),
+    generation: int = 1,
+    errors: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """An AdapterDeployment status, validated against the API model."""
+    status = {
+        "observedGeneration": generation,
+        "conditions": [
+            cond("Ready", *ready, generation=generation),
+            cond("Progressing", "False", "RolloutComplete", "rollout complete", generation),
+            cond("Degraded", *degraded, generation=generation),
+        ],
+        "endpoint": "http://llama31-8b-support.ml-team-support.svc:8000/v1",
+        "replicas": 2,
+        "readyReplicas": 2,
+        "adapters": [
+            {
+                "name": name,
+                "phase": phase,
+                "readyReplicas": 2 if phase == "Loaded" else 0,
+                **({"lastError": (errors or {})[name]} if name in (errors or {}) else {}),
+            }
+            for name, phase in adapters.items()
+        ],
+    }
+    AdapterDeploymentStatus.model_validate(status)
+    return status
+
+
+ALL_LOADED = {"support-en": "Loaded", "support-de": "Loaded", "sql-experimental": "Loaded"}
+READY = ("True", "RolloutComplete", "2/2 replicas serve every pinned adapter")
+
+
+@pytest.mark.parametrize(
+    ("doc", "status", "expected"),
+    [
+        pytest.param(
+            adapterdeployment(),
+            None,
+            ("Progressing", "Waiting for the kubetune operator to report a status"),
+            id="no-status",
+        ),
+        pytest.param(
+            adapterdeployment(),
+            ad_status(READY, ALL_LOADED),
+            ("Healthy", "RolloutComplete: 2/2 replicas serve every pinned adapter"),
+            id="ready",
+        ),
+        pytest.param(
+            adapterdeployment(),
+            ad_status(
+                READY,
+                {**ALL_LOADED, "sql-experimental": "Failed"},
+                errors={"sql-experimental": "rank 128 exceeds --max-lora-rank 64"},
+            ),
+            (
+                "Healthy",
+                "RolloutComplete: 2/2 replicas serve every pinned adapter; unpinned adapters "
+                "failed: sql-experimental (rank 128 exceeds --max-lora-rank 64)",
+            ),
+            id="ready-unpinned-failed",
+        ),
+        pytest.param(
+            adapterdeployment(),
+            ad_status(
+                ("False", "Reconciling", "1/2 replicas ready"),
+                {**ALL_LOADED, "support-de": "Loading"},
+            ),
+            ("Progressing", "Reconciling: 1/2 replicas ready"),
+            id="rolling-out",
+        ),
+        pytest.param(
+            adapterdeployment(),
+            ad_status(
+                ("False", "Reconciling", "waiting for pinned adapters"),
+                {**ALL_LOADED, "support-en": "Blocked"},
+            ),
+            (
+                "Progressing",
+                "Reconciling: waiting for pinned adapters; blocked adapters (waiting for their "
+                "FineTuneJob or a passed EvalJob): support-en",
+            ),
+            id="blocked",
+        ),
+        pytest.param(
+            adapterdeployment(),
+            ad_status(
+                ("False", "AdapterLoadFailed", "support-de: digest mismatch"),
+                {**ALL_LOADED, "support-de": "Failed"},
+                degraded=("True", "AdapterLoadFailed", "support-de failed to load"),
+            ),
+            ("Degraded", "AdapterLoadFailed: support-de failed to load"),
+            id="degraded-condition",
+        ),
+        pytest.param(
+            adapterdeployment(),
+            ad_status(("False", "InvalidSpec", "spec.engine: unknown engine"), {}),
+            ("Degraded", "InvalidSpec: spec.engine: unknown engine"),
+            id="invalid-spec",
+        ),
+        pytest.param(
+            adapterdeployment(),
+            ad_status(
+                ("False", "Reconciling", "loading"),
+                {**ALL_LOADED, "support-de": "Failed"},
+                errors={"support-de": "manifest digest mismatch"},
+            ),
+            ("Degraded", "Pinned adapters failed to load: support-de (manifest digest mismatch)"),
+            id="pinned-failed",
+        ),
+        pytest.param(
+            adapterdeployment(replicas=0),
+            ad_status(("False", "Reconciling", "no replicas"), {}),
+            ("Suspended", "Scaled to zero replicas (spec.replicas: 0): no adapter is served"),
+            id="scaled-to-zero",
+        ),
+        pytest.param(
+            adapterdeployment(generation=2),
+            ad_status(READY, ALL_LOADED),
+            ("Progressing", "Waiting for the kubetune operator to observe generation 2"),
+            id="lagging-generation",
+        ),
+    ],
+)
+def test_adapterdeployment(
+    doc: dict[str, Any], status: dict[str, Any] | None, expected: tuple[str, str]
+) -> None:
+    assert health("AdapterDeployment", with_status(doc, status)) == expected
