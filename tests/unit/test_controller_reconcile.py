@@ -65,13 +65,14 @@ def plan(
     *,
     now: datetime = NOW,
     missing: bool = False,
+    pods_confirmed: bool = True,
 ) -> Plan:
     return plan_run(
         "FineTuneJob",
         generation=doc["metadata"]["generation"],
         old_status=status,
         desire=desire_of(doc),
-        observed=Observed(jobs=jobs, pods=pods, job_missing=missing),
+        observed=Observed(jobs=jobs, pods=pods, job_missing=missing, pods_confirmed=pods_confirmed),
         now=now,
         image_pull_grace_seconds=GRACE,
     )
@@ -163,7 +164,13 @@ def verdict(
     job: JobView, *pods: PodView, now: datetime = NOW, queued: bool = False
 ) -> tuple[str, str]:
     a = assess(
-        job, list(pods), now=now, image_pull_grace_seconds=GRACE, backoff_limit=2, queued=queued
+        job,
+        list(pods),
+        now=now,
+        image_pull_grace_seconds=GRACE,
+        backoff_limit=2,
+        queued=queued,
+        pods_confirmed=True,
     )
     return a.phase, a.reason
 
@@ -561,3 +568,30 @@ def test_a_spec_fixed_after_invalid_spec_starts_the_run() -> None:
     p = plan(fixed, rejected)
     assert [o["kind"] for o in p.create] == ["ConfigMap", "Job"]
     assert cond(p.status, "Succeeded")["status"] == "Unknown"
+
+
+def test_a_finished_job_whose_pods_lag_is_confirmed_before_any_verdict() -> None:
+    """The Job's and the Pods' watches are not ordered: never judge a finished run blind."""
+    doc = body()
+    status = plan(doc, {}).status or {}
+    complete = job_for(doc, complete=True, succeeded=1, completion_time=NOW)
+    still_running = PodView("p", "Running")
+    blind = plan(doc, status, (complete,), (still_running,), pods_confirmed=False)
+    assert blind == Plan(confirm_pods=complete.name)  # no status written, no Event
+    listed = PodView("p", "Succeeded", terminated=Terminated(0, "Completed", result_message()))
+    seen = plan(doc, status, (complete,), (listed,))
+    assert cond(seen.status, "Succeeded")["status"] == "True"
+    gone = plan(doc, status, (complete,), ())
+    assert cond(gone.status, "Succeeded")["reason"] == "ResultMissing"
+    failed = job_for(doc, failed_reason="PodFailurePolicy", failed=1)
+    assert plan(doc, status, (failed,), (), pods_confirmed=False).confirm_pods == failed.name
+
+
+def test_suspend_is_not_applied_to_a_queued_job() -> None:
+    """Kueue unsuspends admitted Jobs: the operator must not fight it."""
+    doc = body(suspend=True, scheduling={"queueName": "team-a"})
+    status = plan(body(scheduling={"queueName": "team-a"}), {}).status or {}
+    admitted = job_for(doc, active=1, start_time=NOW)
+    p = plan(doc, status, (admitted,), (PodView("p", "Running"),))
+    assert p.suspend_job is None
+    assert cond(p.status, "SpecApplied")["reason"] == "QueueOwnsSuspension"

@@ -763,7 +763,10 @@ def test_multi_node_indexed_job_with_headless_service() -> None:
     assert service_name == "llama-full-workers"
     assert service["spec"]["clusterIP"] == "None"
     assert service["spec"]["publishNotReadyAddresses"] is True
-    assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": job_name}
+    assert service["spec"]["selector"] == {
+        "kubetune.io/finetunejob": "llama-full",
+        "app.kubernetes.io/component": "training",
+    }
     assert service["spec"]["ports"] == [{"name": "rendezvous", "port": 29600}]
     pod = spec["template"]["spec"]
     assert pod["subdomain"] == service_name
@@ -833,7 +836,10 @@ def test_run_id_keeps_the_service_and_moves_its_selector() -> None:
     assert service_1["metadata"]["name"] == service_2["metadata"]["name"]
     job_2 = by_kind(second, "Job")["metadata"]["name"]
     assert job_2 == "llama-full-train-retry"
-    assert service_2["spec"]["selector"] == {"batch.kubernetes.io/job-name": job_2}
+    # One selector for every run (the Service is created once and kept): the resource's pods.
+    assert service_1["spec"]["selector"] == service_2["spec"]["selector"]
+    pod_labels = by_kind(second, "Job")["spec"]["template"]["metadata"]["labels"]
+    assert service_2["spec"]["selector"].items() <= pod_labels.items()
     assert env_of(second)["MASTER_ADDR"]["value"].startswith(f"{job_2}-0.")
 
 

@@ -206,6 +206,7 @@ class Controller:
         *,
         confirmed: JobView | None,
         missing: bool,
+        listed_pods: tuple[PodView, ...] | None = None,
     ) -> Plan:
         meta = body["metadata"]
         namespace, uid = meta["namespace"], meta["uid"]
@@ -214,12 +215,16 @@ class Controller:
             jobs = (*jobs, confirmed)
         run_job = next((j for j in jobs if j.name == desire.job_name), None)
         pods = caches.pods_of(namespace, run_job.uid) if run_job else ()
+        if listed_pods is not None:
+            pods = listed_pods
         return plan_run(
             body["kind"],
             generation=meta.get("generation"),
             old_status=self.statuses.get(uid) or dict(body.get("status") or {}),
             desire=desire,
-            observed=Observed(jobs=jobs, pods=pods, job_missing=missing),
+            observed=Observed(
+                jobs=jobs, pods=pods, job_missing=missing, pods_confirmed=listed_pods is not None
+            ),
             now=datetime.now(UTC),
             image_pull_grace_seconds=self.settings.image_pull_grace_seconds,
         )
@@ -244,6 +249,14 @@ class Controller:
                     confirmed = job_view(found) if found else None
                     plan = self._plan(
                         body, desire, caches, confirmed=confirmed, missing=found is None
+                    )
+                if plan.confirm_pods:
+                    listed = await self.call(
+                        self.api().list_pods, meta["namespace"], plan.confirm_pods
+                    )
+                    views = tuple(pod_view(p) for p in listed)
+                    plan = self._plan(
+                        body, desire, caches, confirmed=None, missing=False, listed_pods=views
                     )
                 await self._execute(body, desire, plan)
             except Exception:
@@ -272,6 +285,10 @@ class Controller:
         for obj in plan.create:
             await self.call(kube.create, obj)
             writes.labels("create").inc()
+        # The status goes first: a verdict or a forgotten jobName must be recorded before the
+        # Job it concerns is deleted, or a crash in between would read as JobMissing.
+        if plan.status is not None:
+            await self.write_status(body, plan.status)
         for job_name in plan.delete_jobs:
             await self.call(kube.delete_run, namespace, job_name)
             writes.labels("delete").inc()
@@ -283,8 +300,6 @@ class Controller:
             deleted = await self.call(kube.cleanup, namespace, kind, name, uid, secrets)
             writes.labels("delete").inc(deleted)
             log.info("%s %s/%s finished: TTL deleted %d children", kind, namespace, name, deleted)
-        if plan.status is not None:
-            await self.write_status(body, plan.status)
         for event in plan.events:
             await self.call(kube.post_event, body, event, self.settings.field_manager)
             writes.labels("event").inc()

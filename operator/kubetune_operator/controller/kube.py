@@ -187,6 +187,16 @@ class Kube:
                 return None
             raise
 
+    def list_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
+        """The pods of a Job, read from the API server (not a cache)."""
+        listing = self.request(
+            "GET",
+            collection_path("v1", "pods", namespace),
+            query={"labelSelector": f"batch.kubernetes.io/job-name={job_name}"},
+        )
+        items: list[dict[str, Any]] = listing.get("items") or []
+        return items
+
     def delete(self, api_version: str, plural: str, namespace: str, name: str) -> None:
         """Delete one object (background propagation); absent objects are fine."""
         path = f"{collection_path(api_version, plural, namespace)}/{name}"

@@ -237,6 +237,7 @@ class Assessment:
     suspended: bool = False
     queued: bool = False
     disruptions: tuple[str, ...] = field(default_factory=tuple)
+    confirm_pods: bool = False
 
 
 def _last_failure(pods: list[PodView]) -> PodView | None:
@@ -269,9 +270,21 @@ def _disruption_reason(pod: PodView) -> str:
     return "Preempted" if pod.disruption == "PreemptionByScheduler" else "Evicted"
 
 
-def _failure(job: JobView, pods: list[PodView], backoff_limit: int) -> Assessment:
+FINISHING = Assessment(
+    "Running",
+    "Finishing",
+    "the Job finished; reading its pods' results",
+    confirm_pods=True,
+)
+
+
+def _failure(
+    job: JobView, pods: list[PodView], backoff_limit: int, *, pods_confirmed: bool
+) -> Assessment:
     last = _last_failure(pods)
     term = last.terminated if last else None
+    if term is None and job.failed_reason != "DeadlineExceeded" and not pods_confirmed:
+        return FINISHING  # the pods' watch may lag the Job's: look before judging
     if job.failed_reason == "DeadlineExceeded":
         return Assessment(
             "Failed",
@@ -320,6 +333,7 @@ def assess(  # noqa: PLR0911 - one return per verdict, in priority order
     image_pull_grace_seconds: float,
     backoff_limit: int,
     queued: bool = False,
+    pods_confirmed: bool = False,
 ) -> Assessment:
     """The verdict on a run from its Job and Pods.
 
@@ -331,10 +345,16 @@ def assess(  # noqa: PLR0911 - one return per verdict, in priority order
             fails with ``ImagePullFailed`` instead of waiting forever.
         backoff_limit: the spec's retry budget (for messages).
         queued: the Job waits for Kueue admission (its suspension is Kueue's, not the user's).
+        pods_confirmed: ``pods`` were just listed from the API server, not from the watch
+            cache. Without it, a finished Job whose pods show no result yet gives a
+            ``Finishing`` verdict with ``confirm_pods`` set: the Job's and the Pods' watches
+            are not ordered, and a finished run's verdict is final.
     """
     if job.complete:
         lead = _lead_pod(pods)
         result = read_result(lead.terminated.message) if lead and lead.terminated else None
+        if (result is None or result.status != "Succeeded") and not pods_confirmed:
+            return FINISHING
         if result is None or result.status != "Succeeded":
             return Assessment(
                 "Failed",
@@ -346,7 +366,7 @@ def assess(  # noqa: PLR0911 - one return per verdict, in priority order
             "Succeeded", "Succeeded", result.message or "the run succeeded", result=result
         )
     if job.failed_reason is not None:
-        return _failure(job, pods, backoff_limit)
+        return _failure(job, pods, backoff_limit, pods_confirmed=pods_confirmed)
     live = [
         p
         for p in pods

@@ -91,6 +91,8 @@ class Plan:
         cleanup: delete every child (TTL after finishing); the resource itself stays.
         confirm_missing: name of a Job the caches do not show although status records it;
             the API layer must GET it and reconcile again with ``job_missing`` confirmed.
+        confirm_pods: name of a finished Job whose pods the cache shows without a result;
+            the API layer must list them and reconcile again with ``pods_confirmed``.
         events: Events to post.
     """
 
@@ -101,6 +103,7 @@ class Plan:
     suspend_job: bool | None = None
     cleanup: bool = False
     confirm_missing: str | None = None
+    confirm_pods: str | None = None
     events: tuple[EventSpec, ...] = ()
 
     @property
@@ -120,6 +123,7 @@ class Observed:
     jobs: tuple[JobView, ...] = ()
     pods: tuple[PodView, ...] = ()
     job_missing: bool = False
+    pods_confirmed: bool = False
 
 
 @dataclass(frozen=True)
@@ -379,7 +383,7 @@ def plan_run(
             now=now,
             image_pull_grace_seconds=image_pull_grace_seconds,
             backoff_limit=desire.backoff_limit,
-            queued=desire.queue and not desire.suspend,
+            queued=desire.queue,
         )
         status["jobName"] = desire.job_name
         status.update(desire.extra_status)
@@ -435,8 +439,11 @@ def plan_run(
         now=now,
         image_pull_grace_seconds=image_pull_grace_seconds,
         backoff_limit=desire.backoff_limit,
-        queued=desire.queue and not desire.suspend,
+        queued=desire.queue,
+        pods_confirmed=observed.pods_confirmed,
     )
+    if a.confirm_pods:
+        return Plan(confirm_pods=run_job.name)
     applied = (
         Desired("SpecApplied", "True", "Applied", "the run uses the current spec")
         if run_job.spec_hash == desire.spec_hash
@@ -450,6 +457,15 @@ def plan_run(
     )
     status["jobName"] = run_job.name  # adopts a Job whose creation status never recorded
     status.update(desire.extra_status)
+    if desire.queue and desire.suspend and a.phase not in ("Succeeded", "Failed"):
+        applied = Desired(
+            "SpecApplied",
+            "False",
+            "QueueOwnsSuspension",
+            "spec.suspend is not applied to a job in a Kueue queue (Kueue suspends and admits "
+            "it); deactivate its Workload instead: kubectl patch workload <name> --type merge "
+            '-p \'{"spec":{"active":false}}\'',
+        )
     if run_job.start_time is not None:
         status["startTime"] = format_time(run_job.start_time)
     if a.phase in ("Succeeded", "Failed"):
@@ -467,19 +483,27 @@ def plan_run(
         generation=generation,
         now=now,
     )
-    suspend = None
-    if a.phase not in ("Succeeded", "Failed"):
-        # Kueue owns un-suspending a queued Job; the spec may always suspend it.
-        if desire.suspend and not run_job.suspended:
-            suspend = True
-        elif not desire.suspend and run_job.suspended and not desire.queue:
-            suspend = False
     return Plan(
         status=plan.status,
         delete_jobs=((run_job.name,) if a.stop_job else ()) + plan.delete_jobs,
-        suspend_job=suspend,
+        suspend_job=_suspend_change(a, desire, run_job),
         events=plan.events,
     )
+
+
+def _suspend_change(a: Assessment, desire: Desire, run_job: JobView) -> bool | None:
+    """The Job's new ``spec.suspend``, or None to leave it.
+
+    With a queue, Kueue owns the Job's suspension (it unsuspends admitted Jobs): the operator
+    never toggles it, or the two would fight (SpecApplied says so instead).
+    """
+    if a.phase in ("Succeeded", "Failed") or desire.queue:
+        return None
+    if desire.suspend and not run_job.suspended:
+        return True
+    if not desire.suspend and run_job.suspended:
+        return False
+    return None
 
 
 def _apply(

@@ -21,6 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from kubetune_operator.api import GROUP
 from kubetune_operator.api.common import ResourcesSpec, SchedulingSpec, SecretKeyRef, StorageSpec
 from kubetune_operator.api.evaljob import EvalJob
 from kubetune_operator.api.finetunejob import FineTuneJob
@@ -325,7 +326,12 @@ def build_run_objects(
                 "spec": {
                     "clusterIP": "None",
                     "publishNotReadyAddresses": True,  # rendezvous happens before readiness
-                    "selector": {"batch.kubernetes.io/job-name": run_name},
+                    # The resource's pods, not one run's: the Service is shared by every
+                    # run (a new runId reuses it), and only one run's pods exist at a time.
+                    "selector": {
+                        f"{GROUP}/{kind.lower()}": name,
+                        "app.kubernetes.io/component": component,
+                    },
                     "ports": [{"name": "rendezvous", "port": settings.master_port}],
                 },
             }
