@@ -58,6 +58,7 @@ Obj = dict[str, Any]
 NS = "team-a"
 CONFIGMAPS = "v1/configmaps"
 SECRETS = "v1/secrets"
+OPERATOR_NS = "kubetune-system"  # the operator's own namespace, when a test sets one
 EVENTS = "v1/events"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 TIMEOUT = 30.0  # generous for a loaded CI machine; each wait normally ends in well under 2 s
@@ -135,8 +136,9 @@ def api() -> Iterator[KubeApi]:
 
 
 @pytest.fixture
-def op(api: KubeApi) -> Iterator[OperatorThread]:
-    with operator(api) as running:
+def op(api: KubeApi, request: pytest.FixtureRequest) -> Iterator[OperatorThread]:
+    """The operator; ``indirect`` parametrization passes settings changes."""
+    with operator(api, **getattr(request, "param", {})) as running:
         yield running
 
 
@@ -587,14 +589,14 @@ def test_ttl_deletes_the_children_and_keeps_the_result(
 
     wait_for(lambda: not jobs_of(api, NS, "brief"), TIMEOUT, "the TTL to delete the Job")
     wait_for(
-        lambda: (
-            api.get(CONFIGMAPS, NS, "brief-train") is None
-            and api.get(SECRETS, NS, "brief-progress") is None
-        ),
+        lambda: api.get(CONFIGMAPS, NS, "brief-train") is None,
         TIMEOUT,
-        "the TTL to delete the ConfigMap and progress Secret",
+        "the TTL to delete the ConfigMap",
     )
     assert api.list(PODS, NS) == []
+    # The TTL never touches Secrets: the token Secret goes with the resource (owner reference).
+    assert api.get(SECRETS, NS, "brief-progress") is not None
+    assert not {r for r in api.rbac_requests() if r.resource == "secrets" and r.verb != "create"}
 
     api.reset_counts()
     steady(3 * RESYNC)  # finished is final: nothing is re-created, nothing is written
@@ -609,6 +611,9 @@ def test_ttl_deletes_the_children_and_keeps_the_result(
     assert applied is not None
     assert applied["status"] == "True"
     assert len(kubelet.pods_created("brief-train")) == 1
+
+    api.delete(FTJ, NS, "brief")  # garbage collection takes the token Secret with it
+    assert api.get(SECRETS, NS, "brief-progress") is None
 
 
 # ------------------------------------------------------------------------------------ API faults
@@ -682,6 +687,7 @@ def test_metrics_count_reconciles_and_runs_by_outcome(
     assert 'kubetune_api_writes_total{verb="create"}' in text
 
 
+@pytest.mark.parametrize("op", [{"operator_namespace": OPERATOR_NS}], indirect=True)
 def test_progress_endpoint(
     api: KubeApi, op: OperatorThread, make_kubelet: Callable[..., Kubelet]
 ) -> None:
@@ -709,7 +715,11 @@ def test_progress_endpoint(
 
     assert post(url, {**report, "step": 6}, token + "x") == 401
     assert post(url, {**report, "step": 6}, None) == 401
-    assert post(f"{base}/{NS}/nobody", report, token) == 404
+    assert post(url, {**report, "step": 6}, "") == 401
+    # An unknown job answers like a wrong token: its existence is not revealed.
+    assert post(f"{base}/{NS}/nobody", report, token) == 401
+    assert post(f"{base}/{NS}/nobody", report, None) == 401
+    assert post(f"{base}/other-ns/chatty", report, token) == 401  # tokens are per namespace
     steady(0.6)  # past the write interval: a rejected report never reached the status
     assert current(api, FTJ, "chatty")["status"]["progress"]["step"] == 5
 
@@ -718,3 +728,12 @@ def test_progress_endpoint(
     assert post(url, {**report, "step": 10}, token) == 409
     steady(0.6)
     assert current(api, FTJ, "chatty")["status"]["progress"]["step"] == 5
+
+    # Reports were checked without reading any Secret: the only Secret read is the operator's
+    # key, by name, in its own namespace (created there on start-up).
+    secret_requests = {r for r in api.rbac_requests() if r.resource == "secrets"}
+    reads = {(r.verb, r.namespace, r.name) for r in secret_requests if r.verb != "create"}
+    assert reads == {("get", OPERATOR_NS, "kubetune-progress-key")}
+    assert {r.namespace for r in secret_requests if r.verb == "create"} == {NS, OPERATOR_NS}
+    assert api.request_counts()[("GET", SECRETS, None)] == 1
+    assert api.get(SECRETS, OPERATOR_NS, "kubetune-progress-key") is not None

@@ -11,9 +11,12 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -184,6 +187,75 @@ def test_operator_restarts_at_every_stage_never_create_a_second_job(api: KubeApi
         op.stop()
     assert job_posts(api) == 1
     assert len(jobs_of(api, NS, "restart")) == 1
+
+
+def post_progress(op: OperatorThread, name: str, token: str) -> int:
+    """POST one progress report for ``NS/name``; the HTTP status."""
+    base = op.settings.children.progress_base_url
+    request = urllib.request.Request(  # noqa: S310 - the local operator
+        f"{base}/{NS}/{name}",
+        data=json.dumps({"step": 1, "totalSteps": 3, "percent": 33}).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return int(exc.code)
+
+
+def job_token(api: KubeApi, name: str) -> str:
+    """The token the job's pod mounts (its ``<name>-progress`` Secret)."""
+    secret = api.get("v1/secrets", NS, f"{name}-progress")
+    assert secret is not None
+    if "token" in (secret.get("data") or {}):
+        return base64.b64decode(secret["data"]["token"]).decode()
+    return str(secret["stringData"]["token"])
+
+
+def wait_cached(op: OperatorThread, name: str) -> None:
+    """Until the restarted operator's cache holds the FineTuneJob (the endpoint reads it)."""
+    wait_for(
+        lambda: (caches := op.controller.caches) and caches.owner("FineTuneJob", NS, name),
+        20,
+        f"{name} in the operator's cache",
+    )
+
+
+def test_progress_tokens_survive_a_restart_with_the_key_secret(api: KubeApi) -> None:
+    """With its namespace set, the operator keeps its key in a Secret: old tokens still work."""
+    settings = settings_for(api, operator_namespace="kubetune-system")
+    with Kubelet(api, Hang()):
+        with OperatorThread(settings) as op:
+            api.create(FTJ, small_job("steady"))
+            wait_condition(api, FTJ, NS, "steady", "Running", "True", timeout=20)
+            token = job_token(api, "steady")
+            assert post_progress(op, "steady", token) == 204
+            key = api.get("v1/secrets", "kubetune-system", "kubetune-progress-key")
+            assert key is not None
+        with OperatorThread(settings) as op:
+            wait_cached(op, "steady")
+            assert post_progress(op, "steady", token) == 204  # the same key, read back
+            assert post_progress(op, "steady", token[::-1]) == 401
+        assert api.get("v1/secrets", "kubetune-system", "kubetune-progress-key") == key
+        assert job_token(api, "steady") == token
+
+
+def test_without_the_key_secret_a_restart_invalidates_progress_tokens(api: KubeApi) -> None:
+    """The development mode (no operator namespace): an in-memory key, lost on restart."""
+    with Kubelet(api, Hang()):
+        with operator(api) as op:
+            api.create(FTJ, small_job("forgetful"))
+            wait_condition(api, FTJ, NS, "forgetful", "Running", "True", timeout=20)
+            token = job_token(api, "forgetful")
+            assert post_progress(op, "forgetful", token) == 204
+        with operator(api) as op:
+            wait_cached(op, "forgetful")
+            assert post_progress(op, "forgetful", token) == 401
+            # The run itself carries on.
+            wait_condition(api, FTJ, NS, "forgetful", "Running", "True", timeout=20)
 
 
 def test_restart_between_job_creation_and_status_write_adopts_the_job(api: KubeApi) -> None:

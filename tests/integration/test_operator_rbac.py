@@ -2,12 +2,14 @@
 
 The real operator (``operator_support.operator``, what ``kubetune operator`` runs) works
 against the API emulator and the kubelet harness through every path of its code that calls the
-API: a multi-node run that succeeds and is cleaned up by its TTL (Secret, ConfigMap, Service,
-Job, Events, status), an EvalJob resolved from that FineTuneJob, the progress endpoint (reads the
-token Secret, patches status), suspension (patches the Job), an image that cannot be pulled
-(deletes the Job and ConfigMap), a Job deleted behind the operator's back (GETs it), a new
-``runId`` (deletes the old run), and a restart. The emulator records every HTTP request as RBAC
-sees it (``KubeApi.rbac_requests``: verb, API group, resource[/subresource], namespace).
+API: start-up with its own namespace set (reads, or creates, the progress key Secret there), a
+multi-node run that succeeds and is cleaned up by its TTL (ConfigMap, Service, Job, Events,
+status; the token Secret is only created), an EvalJob resolved from that FineTuneJob, the
+progress endpoint (derives the token from the key, patches status), suspension (patches the
+Job), an image that cannot be pulled (deletes the Job and ConfigMap), a Job deleted behind the
+operator's back (GETs it), a new ``runId`` (deletes the old run), and a restart. The emulator
+records every HTTP request as RBAC sees it (``KubeApi.rbac_requests``: verb, API group,
+resource[/subresource], namespace, name).
 
 Then the chart is rendered in the same mode (all namespaces, or ``watchNamespaces`` with the
 scenarios in the watched namespaces) and the permissions of the operator's ServiceAccount are
@@ -52,6 +54,7 @@ pytestmark = pytest.mark.integration
 Obj = dict[str, Any]
 TEAM_A, TEAM_B = "team-a", "team-b"
 RELEASE_NS, ACCOUNT = "kubetune-system", "kubetune"  # `helm install kubetune -n kubetune-system`
+KEY_SECRET = "kubetune-progress-key"  # noqa: S105 - a name; the chart's default: <fullname>-progress-key
 TIMEOUT = 30.0
 DIGEST = "sha256:" + "5e" * 32
 TRAINED = json.dumps(
@@ -164,7 +167,7 @@ def behaviour(job: Obj, pod: Obj, attempt: int) -> Any:
 
 # ------------------------------------------------------------------------------------ scenarios
 def report_progress(op: OperatorThread, api: KubeApi, namespace: str, name: str) -> None:
-    """POST one progress report with the job's token; the operator reads the Secret."""
+    """POST one progress report with the job's token (the operator does not read the Secret)."""
     secret = api.get("v1/secrets", namespace, f"{name}-progress")
     assert secret is not None
     token = (
@@ -186,6 +189,7 @@ def report_progress(op: OperatorThread, api: KubeApi, namespace: str, name: str)
 def exercise(api: KubeApi, **settings: Any) -> None:
     """Every API-calling path of the operator, then a restart; asserts each outcome."""
     a, b = TEAM_A, TEAM_B
+    settings = {"operator_namespace": RELEASE_NS, "progress_key_secret": KEY_SECRET, **settings}
     with operator(api, **settings) as op, Kubelet(api, behaviour):
         # Multi-node (headless Service) with a TTL: success, then every child is deleted.
         api.create(
@@ -233,12 +237,14 @@ def exercise(api: KubeApi, **settings: Any) -> None:
             lambda: (
                 not any(
                     api.list(resource, b, selector)
-                    for resource in ("v1/configmaps", "v1/secrets", "v1/services", JOBS)
+                    for resource in ("v1/configmaps", "v1/services", JOBS)
                 )
             ),
             TIMEOUT,
-            "the TTL to delete every child of 'done'",
+            "the TTL to delete the run's children of 'done'",
         )
+        # The token Secret is left to garbage collection with its FineTuneJob.
+        assert api.get("v1/secrets", b, "done-progress") is not None
         evaluated = wait_condition(api, EVJ, b, "eval", "Succeeded", "True", timeout=TIMEOUT)
         assert condition(evaluated, "Passed")["status"] == "True"
 
@@ -272,7 +278,7 @@ def check(observed: frozenset[RbacRequest], grants: set[Grant]) -> set[tuple[str
     forbidden = sorted(
         r
         for r in resource_requests
-        if not allows(grants, r.api_group, r.resource, r.verb, r.namespace)
+        if not allows(grants, r.api_group, r.resource, r.verb, r.namespace, r.name)
     )
     assert forbidden == [], "the chart's RBAC forbids requests the operator makes"
     others = sorted(r.path for r in observed if not r.resource and not discovery_allows(r.path))
@@ -294,10 +300,10 @@ def test_the_chart_grants_exactly_what_the_operator_uses_in_all_namespaces(
 
     observed = api.rbac_requests()
     grants = granted(helm.template(namespace=RELEASE_NS), ACCOUNT, RELEASE_NS)
-    used = check(observed, grants)
-    assert all(g.namespace is None for g in grants)  # one ClusterRole
-    # The operator never lists or watches Secrets, so no RBAC lets it enumerate them.
-    assert {v for g, res, v in used if (g, res) == ("", "secrets")} == {"get", "create", "delete"}
+    check(observed, grants)
+    # One ClusterRole, and the Role of the progress key in the release namespace.
+    assert {g.namespace for g in grants} == {None, RELEASE_NS}
+    assert_secret_requests(observed, {TEAM_A, TEAM_B})
 
 
 def test_the_chart_grants_exactly_what_the_operator_uses_in_watched_namespaces(
@@ -309,9 +315,15 @@ def test_the_chart_grants_exactly_what_the_operator_uses_in_watched_namespaces(
     observed = api.rbac_requests()
     docs = helm.template(values={"watchNamespaces": watched}, namespace=RELEASE_NS)
     check(observed, granted(docs, ACCOUNT, RELEASE_NS))
-    # Namespaced requests stay in the watched namespaces; cluster-wide ones are only kopf's
-    # start-up reads of cluster-scoped resources.
-    assert {r.namespace for r in observed if r.resource and r.namespace} == set(watched)
+    # Namespaced requests stay in the watched namespaces, but for the progress key Secret in
+    # the release namespace; cluster-wide ones are only kopf's start-up reads of
+    # cluster-scoped resources.
+    assert {r.namespace for r in observed if r.resource and r.namespace} == {*watched, RELEASE_NS}
+    assert {(r.resource, r.verb) for r in observed if r.resource and r.namespace == RELEASE_NS} == {
+        ("secrets", "get"),
+        ("secrets", "create"),
+    }
+    assert_secret_requests(observed, set(watched))
     cluster_wide = {
         (r.api_group, r.resource, r.verb) for r in observed if r.resource and not r.namespace
     }
@@ -321,6 +333,15 @@ def test_the_chart_grants_exactly_what_the_operator_uses_in_watched_namespaces(
         ("", "namespaces", "list"),
         ("", "namespaces", "watch"),
     }
+
+
+def assert_secret_requests(observed: frozenset[RbacRequest], job_namespaces: set[str]) -> None:
+    """Secrets: created in job namespaces; read only by name, the key, in the release namespace."""
+    secrets = {r for r in observed if (r.api_group, r.resource) == ("", "secrets")}
+    assert {(r.verb, r.namespace, r.name) for r in secrets if r.verb != "create"} == {
+        ("get", RELEASE_NS, KEY_SECRET)
+    }
+    assert {r.namespace for r in secrets if r.verb == "create"} == {*job_namespaces, RELEASE_NS}
 
 
 def test_the_comparison_is_not_vacuous() -> None:
@@ -339,3 +360,12 @@ def test_the_comparison_is_not_vacuous() -> None:
         check(observed, {*grants, Grant("", "secrets", "list", None)})
     with pytest.raises(AssertionError, match="beyond discovery"):
         check(observed | {RbacRequest("get", "", "", None, "/metrics")}, grants)
+    # resourceNames: a grant for one name allows neither another name nor a create.
+    key = RbacRequest("get", "", "secrets", RELEASE_NS, name=KEY_SECRET)
+    by_name = {Grant("", "secrets", "get", RELEASE_NS, frozenset({KEY_SECRET})), *grants}
+    check(observed | {key}, by_name)
+    with pytest.raises(AssertionError, match="forbids"):
+        check(observed | {key._replace(name="other")}, by_name)
+    named_create = {Grant("", "secrets", "create", TEAM_A, frozenset({"x"})), *admission}
+    with pytest.raises(AssertionError, match="forbids"):
+        check(observed, named_create)

@@ -126,24 +126,33 @@ class Grant(NamedTuple):
     """One permission: ``verb`` on ``resource`` (``plural[/subresource]``) of ``api_group``.
 
     ``namespace`` is None for a ClusterRole bound by a ClusterRoleBinding (every namespace and
-    cluster-scoped resources), else the namespace of the Role or RoleBinding.
+    cluster-scoped resources), else the namespace of the Role or RoleBinding. ``names`` are the
+    rule's ``resourceNames`` (empty: any object).
     """
 
     api_group: str
     resource: str
     verb: str
     namespace: str | None
+    names: frozenset[str] = frozenset()
 
 
 def rules_of(role: Obj) -> Iterable[tuple[str, str, str]]:
     """(apiGroup, resource, verb) of every rule of a Role or ClusterRole, expanded."""
+    for group, resource, verb, _ in named_rules_of(role):
+        yield group, resource, verb
+
+
+def named_rules_of(role: Obj) -> Iterable[tuple[str, str, str, frozenset[str]]]:
+    """(apiGroup, resource, verb, resourceNames) of every rule, expanded."""
     for rule in role.get("rules") or ():
-        if rule.get("resourceNames") or rule.get("nonResourceURLs"):
+        if rule.get("nonResourceURLs"):
             raise ValueError(f"{role['metadata']['name']}: unexpected rule {rule}")
+        names = frozenset(rule.get("resourceNames") or ())
         for group in rule.get("apiGroups") or ():
             for resource in rule.get("resources") or ():
                 for verb in rule.get("verbs") or ():
-                    yield group, resource, verb
+                    yield group, resource, verb, names
 
 
 def granted(manifests: Iterable[Obj], account: str, namespace: str) -> set[Grant]:
@@ -165,17 +174,29 @@ def granted(manifests: Iterable[Obj], account: str, namespace: str) -> set[Grant
         ref = binding["roleRef"]
         role_ns = where if ref["kind"] == "Role" else None
         role = roles[ref["kind"], role_ns, ref["name"]]
-        for group, resource, verb in rules_of(role):
-            grants.add(Grant(group, resource, verb, where))
+        for group, resource, verb, names in named_rules_of(role):
+            grants.add(Grant(group, resource, verb, where, names))
     return grants
 
 
-def allows(
-    grants: set[Grant], api_group: str, resource: str, verb: str, namespace: str | None
+def allows(  # noqa: PLR0917 - the request's attributes as RBAC sees them
+    grants: set[Grant],
+    api_group: str,
+    resource: str,
+    verb: str,
+    namespace: str | None,
+    name: str = "",
 ) -> bool:
-    """Whether ``grants`` allow a request (``namespace`` None: cluster-wide or cluster-scoped)."""
-    return Grant(api_group, resource, verb, None) in grants or (
-        namespace is not None and Grant(api_group, resource, verb, namespace) in grants
+    """Whether ``grants`` allow a request (``namespace`` None: cluster-wide or cluster-scoped).
+
+    A grant with ``names`` allows only requests naming one of them, as RBAC does: never a
+    create, a list or a watch of a collection (those carry no name).
+    """
+    return any(
+        (g.api_group, g.resource, g.verb) == (api_group, resource, verb)
+        and (g.namespace is None or g.namespace == namespace)
+        and (not g.names or name in g.names)
+        for g in grants
     )
 
 

@@ -132,7 +132,8 @@ class RbacRequest(NamedTuple):
     the plural, with ``/subresource`` when there is one; ``namespace`` is None for a
     cluster-scoped resource or a request across all namespaces. Other requests (discovery,
     ``/version``, ``/openapi``) are non-resource URLs: ``resource`` is empty, ``path`` is the
-    URL path and ``verb`` the lower-case HTTP method.
+    URL path and ``verb`` the lower-case HTTP method. ``name`` is the object's name from the URL
+    (what ``resourceNames`` rules match); empty for creates and collections.
     """
 
     verb: str
@@ -140,6 +141,7 @@ class RbacRequest(NamedTuple):
     resource: str
     namespace: str | None
     path: str = ""
+    name: str = ""
 
 
 def rbac_request(request: kmock.Request) -> RbacRequest:
@@ -155,7 +157,7 @@ def rbac_request(request: kmock.Request) -> RbacRequest:
         verb = "delete" if request.name else "deletecollection"
     sub = request.subresource
     resource = f"{ref.plural}/{sub}" if sub else ref.plural
-    return RbacRequest(verb, ref.group or "", resource, request.namespace)
+    return RbacRequest(verb, ref.group or "", resource, request.namespace, name=request.name or "")
 
 
 @dataclass(frozen=True)

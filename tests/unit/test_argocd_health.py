@@ -137,7 +137,7 @@ def ftj_plan(
         generation=doc["metadata"]["generation"],
         old_status=status,
         desire=desire,
-        observed=Observed(jobs=jobs, pods=pods),
+        observed=Observed(jobs=jobs, pods=pods, pods_confirmed=True),  # listed, not cached
         now=now,
         image_pull_grace_seconds=GRACE,
     )
@@ -384,7 +384,7 @@ def eval_plan(
         generation=doc["metadata"]["generation"],
         old_status=status,
         desire=desire,
-        observed=Observed(jobs=jobs, pods=pods),
+        observed=Observed(jobs=jobs, pods=pods, pods_confirmed=True),  # listed, not cached
         now=NOW,
         image_pull_grace_seconds=GRACE,
     )

@@ -3,8 +3,9 @@
 helm v4.3.1 comes from a PyPI wheel (``tests/support/helm.py``), never from ``PATH``. Every
 rendered manifest is validated against Kubernetes 1.30's OpenAPI schemas (strict: unknown fields
 are errors), except the Prometheus Operator's ServiceMonitor (a CRD: its shape is checked here).
-The RBAC checks here are structural (no wildcards, no Secret enumeration, nothing namespaced
-cluster-wide in watchNamespaces mode); ``tests/integration/test_operator_rbac.py`` checks that
+The RBAC checks here are structural (no wildcards, no read of Secrets beyond the progress key
+Secret by name in the release namespace, nothing namespaced cluster-wide in watchNamespaces
+mode); ``tests/integration/test_operator_rbac.py`` checks that
 the rules are exactly what the operator's code uses.
 """
 
@@ -33,8 +34,8 @@ from tests.support.helm import (
     Helm,
     dump_schema,
     granted,
+    named_rules_of,
     refreshed_schema,
-    rules_of,
     session_helm,
 )
 from tests.support.kube_api import BUILTINS
@@ -44,6 +45,7 @@ Obj = dict[str, Any]
 NS = "kubetune-system"
 RELEASE = "kubetune"
 FULLNAME = "kubetune"  # the release name contains the chart name
+KEY_ROLE = f"{FULLNAME}-progress-key"  # the Role (and Secret) of the operator's progress key
 WATCHED = ["team-a", "team-b"]
 DIGEST = "sha256:" + "ab" * 32
 
@@ -125,7 +127,13 @@ def container(docs: list[Obj]) -> Obj:
 
 
 def env_of(docs: list[Obj]) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in container(docs)["env"]}
+    """The container's plain env values (downward-API ones: see env_sources)."""
+    return {e["name"]: e["value"] for e in container(docs)["env"] if "value" in e}
+
+
+def env_sources(docs: list[Obj]) -> dict[str, Obj]:
+    """The container's env ``valueFrom`` sources."""
+    return {e["name"]: e["valueFrom"] for e in container(docs)["env"] if "valueFrom" in e}
 
 
 # ------------------------------------------------------------------------------------ binary
@@ -156,6 +164,8 @@ def test_renders_the_expected_objects(rendered: list[Obj], case: str) -> None:
         ("ClusterRole", None),
         ("ClusterRoleBinding", None),
         ("Deployment", NS),
+        ("Role", NS),  # the progress key Secret
+        ("RoleBinding", NS),
         ("Service", NS),
         ("ServiceAccount", NS),
     ]
@@ -263,9 +273,24 @@ def test_environment_configures_the_operator(rendered: list[Obj], case: str) -> 
     assert settings.liveness_port == 8081
     assert settings.http_port == 8080
     assert settings.server is None  # in-cluster credentials
+    assert settings.progress_key_secret == KEY_ROLE
+    assert env_sources(rendered) == {
+        "KUBETUNE_OPERATOR_NAMESPACE": {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    }
+    assert set(env_sources(rendered)) <= known
     image = container(rendered)["image"]
     digest = values.get("image", {}).get("digest")
     assert image == "ghcr.io/kubetune/operator:0.1.0" + (f"@{digest}" if digest else "")
+
+
+def test_progress_key_secret_name_can_be_set(helm: Helm) -> None:
+    docs = helm.template("progress.keySecretName=platform-key", namespace=NS, release=RELEASE)
+    settings = ControllerSettings.from_env(env_of(docs))
+    assert settings.progress_key_secret == "platform-key"  # noqa: S105 - a name
+    key_role = next(d for d in roles(docs) if d["metadata"]["name"] == KEY_ROLE)
+    assert [r.get("resourceNames") for r in key_role["rules"] if "get" in r["verbs"]] == [
+        ["platform-key"]
+    ]
 
 
 def test_progress_can_be_turned_off(helm: Helm) -> None:
@@ -303,19 +328,39 @@ def roles(docs: list[Obj]) -> Iterator[Obj]:
     return (d for d in docs if d["kind"] in ("Role", "ClusterRole"))
 
 
-def test_rbac_has_no_wildcards_and_never_enumerates_secrets(rendered: list[Obj]) -> None:
+def test_rbac_has_no_wildcards_and_reads_no_secrets_but_its_key(rendered: list[Obj]) -> None:
+    """No ClusterRole reads Secrets; only the release namespace's Role reads one, by name."""
+    key_reads = []
     for role in roles(rendered):
         name = f"{role['kind']} {role['metadata']['name']}"
+        namespace = role["metadata"].get("namespace")
         for rule in role["rules"]:
             for key in ("apiGroups", "resources", "verbs"):
                 assert "*" not in rule[key], f"{name}: {key} {rule[key]}"
-        for group, resource, verb in rules_of(role):
+        for group, resource, verb, names in named_rules_of(role):
             if (group, resource.split("/")[0]) == ("", "secrets"):
-                assert verb not in ("list", "watch"), f"{name} can enumerate Secrets"
-                if role["kind"] == "ClusterRole":
-                    # by name only (README.md, RBAC: RBAC cannot restrict create by name)
-                    assert verb in ("get", "create", "delete"), f"{name}: {verb} secrets"
+                assert verb in ("get", "create"), f"{name}: {verb} secrets"
+                if verb == "get":
+                    assert role["kind"] == "Role", f"{name} reads Secrets cluster-wide"
+                    assert namespace == NS, f"{name} reads Secrets in {namespace}"
+                    assert names == {KEY_ROLE}, f"{name} reads Secrets beyond its key"
+                    key_reads.append(name)
             assert verb not in ("escalate", "bind", "impersonate", "deletecollection"), name
+    assert key_reads == [f"Role {KEY_ROLE}"]
+
+
+@pytest.mark.parametrize("watch", [[], WATCHED], ids=["all-namespaces", "watch-namespaces"])
+def test_no_secret_can_be_read_outside_the_release_namespace(helm: Helm, watch: list[str]) -> None:
+    """Through the bindings: in job namespaces Secrets can only be created."""
+    docs = helm.template(values={"watchNamespaces": watch}, namespace=NS, release=RELEASE)
+    secrets = {
+        g for g in granted(docs, FULLNAME, NS) if (g.api_group, g.resource) == ("", "secrets")
+    }
+    assert {g for g in secrets if g.verb != "create"} == {
+        Grant("", "secrets", "get", NS, frozenset({KEY_ROLE}))
+    }
+    everywhere = {g.namespace for g in secrets if g.verb == "create"}
+    assert everywhere == ({NS, *watch} if watch else {None, NS})
 
 
 def test_watch_namespaces_mode_grants_nothing_namespaced_cluster_wide(helm: Helm) -> None:
@@ -344,7 +389,11 @@ def test_watch_namespaces_mode_grants_nothing_namespaced_cluster_wide(helm: Helm
 
 
 def test_all_namespaces_mode_grants_the_same_rules_cluster_wide(helm: Helm) -> None:
-    everywhere = granted(helm.template(namespace=NS, release=RELEASE), FULLNAME, NS)
+    everywhere = {
+        g
+        for g in granted(helm.template(namespace=NS, release=RELEASE), FULLNAME, NS)
+        if g.namespace is None
+    }
     namespaced = helm.template(values={"watchNamespaces": WATCHED}, namespace=NS, release=RELEASE)
     in_team_a = {g for g in granted(namespaced, FULLNAME, NS) if g.namespace == "team-a"}
     crds = {
@@ -360,7 +409,9 @@ def test_rbac_is_bound_to_the_operator_service_account(rendered: list[Obj]) -> N
         assert binding["subjects"] == [
             {"kind": "ServiceAccount", "name": account["name"], "namespace": account["namespace"]}
         ]
-        assert binding["roleRef"]["name"] == FULLNAME
+        ns = binding["metadata"].get("namespace")
+        expected = KEY_ROLE if ns == NS else FULLNAME
+        assert binding["roleRef"]["name"] == expected
 
 
 def test_rbac_and_service_account_can_be_left_out(helm: Helm) -> None:

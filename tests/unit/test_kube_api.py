@@ -512,12 +512,12 @@ def test_rbac_requests_name_each_request_as_rbac_authorizes_it(api: KubeApi) -> 
         assert status < 300, (method, path, status)
     assert api.rbac_requests() == {
         RbacRequest("create", "", "configmaps", "default"),
-        RbacRequest("get", "", "configmaps", "default"),
+        RbacRequest("get", "", "configmaps", "default", name="c"),
         RbacRequest("list", "", "configmaps", "default"),
         RbacRequest("watch", "", "configmaps", "default"),
-        RbacRequest("update", "", "configmaps", "default"),
-        RbacRequest("patch", GROUP, f"{FTJ}/status", "default"),
-        RbacRequest("delete", "", "configmaps", "default"),
+        RbacRequest("update", "", "configmaps", "default", name="c"),
+        RbacRequest("patch", GROUP, f"{FTJ}/status", "default", name="a"),
+        RbacRequest("delete", "", "configmaps", "default", name="c"),
         RbacRequest("deletecollection", "", "configmaps", "default"),
         RbacRequest("list", "batch", "jobs", None),
         RbacRequest("list", "", "namespaces", None),

@@ -104,14 +104,35 @@ namespace.
 - apiGroups: [""]
   resources: ["configmaps", "services"]
   verbs: ["list", "create", "delete"]
-# The per-job progress token Secret: created, read by name (progress endpoint) and deleted
-# by name (TTL). Never listed or watched: the operator cannot enumerate Secrets.
+# The per-job progress token Secret: created only. The operator derives each token from its
+# own key (kubetune.progressKeyRules), so it never reads, lists, watches or deletes Secrets
+# here; the Secret goes with its FineTuneJob through the owner reference.
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get", "create", "delete"]
+  verbs: ["create"]
 # Events on transitions (core/v1 Events).
 - apiGroups: [""]
   resources: ["events"]
+  verbs: ["create"]
+{{- end }}
+
+{{/* The Secret with the operator's progress key, in the release namespace. */}}
+{{- define "kubetune.progressKeySecret" -}}
+{{- default (printf "%s-progress-key" (include "kubetune.fullname" .)) .Values.progress.keySecretName | trunc 253 }}
+{{- end }}
+
+{{/*
+The operator's permissions in its own (the release) namespace: the key progress tokens are
+derived from. The one Secret it reads, by name; create cannot be restricted by name
+(resourceNames does not apply to create), so it may create any Secret in this namespace.
+*/}}
+{{- define "kubetune.progressKeyRules" -}}
+- apiGroups: [""]
+  resources: ["secrets"]
+  resourceNames: [{{ include "kubetune.progressKeySecret" . | quote }}]
+  verbs: ["get"]
+- apiGroups: [""]
+  resources: ["secrets"]
   verbs: ["create"]
 {{- end }}
 

@@ -61,6 +61,18 @@ class ControllerSettings(BaseModel):
         default=8081, description="kopf's liveness probe port (/healthz); None disables it."
     )
     workers: int = Field(default=16, gt=0, description="Threads for blocking API calls.")
+    operator_namespace: str | None = Field(
+        default=None,
+        description="The operator's own namespace (the chart sets it from the downward API): "
+        "where the progress key Secret lives. None: an in-memory key (development), so "
+        "progress tokens of jobs started before a restart stop validating.",
+    )
+    progress_key_secret: str = Field(
+        default="kubetune-progress-key",
+        min_length=1,
+        description="Name of the Secret (key ``key``) holding the key progress tokens are "
+        "derived from, in ``operator_namespace``; created by the operator when absent.",
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ControllerSettings:
@@ -89,6 +101,8 @@ class ControllerSettings(BaseModel):
             )
         if "liveness_port" in values and values["liveness_port"] in ("", "none"):
             values["liveness_port"] = None
+        if not (values.get("operator_namespace") or "").strip():
+            values.pop("operator_namespace", None)
         children = pick(OperatorSettings)
         return cls.model_validate({**values, "children": children})
 

@@ -33,14 +33,20 @@ from kubetune_operator.controller.kube import Kube, KubeError
 from kubetune_operator.controller.metrics import Metrics
 from kubetune_operator.controller.observe import JobView, PodView, job_view, pod_view
 from kubetune_operator.controller.reconcile import Desire, Observed, Plan, is_finished, plan_run
-from kubetune_operator.manifests.common import child_name, owner_reference
+from kubetune_operator.controller.tokens import new_key, progress_token
 from kubetune_operator.manifests.common import labels as child_labels
+from kubetune_operator.manifests.common import owner_reference
 from kubetune_operator.validation import ManifestInvalid
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MANAGED = {"app.kubernetes.io/managed-by": "kubetune-operator"}
+KEY_LABELS = {
+    "app.kubernetes.io/name": "kubetune",
+    "app.kubernetes.io/component": "progress-key",
+    **MANAGED,
+}
 RUN_KINDS = {"FineTuneJob": "finetunejobs", "EvalJob": "evaljobs"}
 OWNER_LABELS = {f"{GROUP}/finetunejob": "FineTuneJob", f"{GROUP}/evaljob": "EvalJob"}
 
@@ -126,6 +132,7 @@ class Controller:
     background: set[asyncio.Task[None]] = field(default_factory=set)
     resync_task: asyncio.Task[None] | None = None
     http_port: int | None = None
+    progress_key: bytes | None = None
 
     # ------------------------------------------------------------------ plumbing
 
@@ -142,6 +149,37 @@ class Controller:
                 self.settings.workers, thread_name_prefix="kubetune-api"
             )
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def load_progress_key(self) -> bytes:
+        """The key progress tokens derive from (:mod:`tokens`), loaded once at start-up.
+
+        With ``operator_namespace`` set (the chart does), it is the Secret
+        ``progress_key_secret`` there, created on first start, so tokens survive restarts.
+        Without it, a random key lives in memory only.
+        """
+        if self.progress_key is not None:
+            return self.progress_key
+        namespace = self.settings.operator_namespace
+        if namespace:
+            name = self.settings.progress_key_secret
+            self.progress_key = await self.call(
+                self.api().progress_key, namespace, name, KEY_LABELS
+            )
+            log.info("progress key: Secret %s/%s", namespace, name)
+        else:
+            self.progress_key = new_key()
+            log.warning(
+                "no operator namespace (KUBETUNE_OPERATOR_NAMESPACE): the progress key is kept "
+                "in memory, so progress reports of jobs started before a restart of the "
+                "operator will be rejected (their runs are unaffected)"
+            )
+        return self.progress_key
+
+    def progress_token(self, namespace: str, name: str, uid: str) -> str:
+        """The progress token of a resource (requires :meth:`load_progress_key` first)."""
+        if self.progress_key is None:
+            raise RuntimeError("the progress key is not loaded yet")
+        return progress_token(self.progress_key, namespace, name, uid)
 
     def lock(self, uid: str) -> asyncio.Lock:
         """The lock serializing reconciles of one resource."""
@@ -278,6 +316,7 @@ class Controller:
                 kube.ensure_progress_secret,
                 namespace,
                 plan.progress_secret,
+                self.progress_token(namespace, name, uid),
                 child_labels(kind, name, "progress"),
                 owner_reference(kind, name, uid),
             )
@@ -296,8 +335,8 @@ class Controller:
             await self.call(kube.set_job_suspend, namespace, desire.job_name, plan.suspend_job)
             writes.labels("patch").inc()
         if plan.cleanup:
-            secrets = (child_name(name, "progress"),)
-            deleted = await self.call(kube.cleanup, namespace, kind, name, uid, secrets)
+            # The progress Secret stays: it goes with the resource (owner reference).
+            deleted = await self.call(kube.cleanup, namespace, kind, name, uid)
             writes.labels("delete").inc(deleted)
             log.info("%s %s/%s finished: TTL deleted %d children", kind, namespace, name, deleted)
         for event in plan.events:
@@ -464,6 +503,11 @@ class Controller:
         kopf.on.event("v1", "pods", labels=MANAGED, id="pods-changed", registry=registry)(
             child_changed
         )
+
+        @kopf.on.startup(registry=registry)
+        async def load_progress_key(**_: Any) -> None:
+            # Before any watch starts: every reconcile may create a job's token Secret.
+            await self.load_progress_key()
 
         @kopf.on.startup(registry=registry)
         async def start_resync(**kwargs: Any) -> None:

@@ -2,13 +2,19 @@
 
 ``POST /progress/<namespace>/<name>`` with ``Authorization: Bearer <token>`` and the
 ``status.progress`` JSON (camelCase, as the runtime's ``HttpSink`` sends it). The token is
-the per-job random value in the Secret the job mounts; it is compared in constant time
-(``hmac.compare_digest``). Accepted reports are written to ``status.progress`` at most once
-per ``progress_min_interval_seconds`` per job; the newest report within the interval is
-written when it ends, so the last one is never lost.
+the one in the Secret the job mounts: HMAC-SHA256 of ``<namespace>/<name>/<uid>`` under the
+operator's key (:mod:`tokens`). The endpoint recomputes it from the cached resource's uid and
+compares in constant time (``hmac.compare_digest``); it reads no Secret. Accepted reports are
+written to ``status.progress`` at most once per ``progress_min_interval_seconds`` per job;
+the newest report within the interval is written when it ends, so the last one is never lost.
 
-Answers: 204 accepted, 400 malformed body, 401 missing or wrong token, 404 unknown job,
-409 the run has finished (late reports are dropped).
+The token is checked before anything else, so an unauthenticated caller learns nothing, not
+even whether a FineTuneJob exists: an unknown job is checked against a placeholder uid (the
+same work) and can never match.
+
+Answers: 204 accepted, 400 malformed body, 401 missing or wrong token (also for an unknown
+job, which has no valid token), 409 the run has finished (late reports are dropped), 413 a
+body over 16 KiB, 503 the operator is still starting.
 """
 
 from __future__ import annotations
@@ -28,10 +34,10 @@ from kubetune_operator.api.finetunejob import Progress
 from kubetune_operator.controller.handlers import Controller
 from kubetune_operator.controller.observe import format_time
 from kubetune_operator.controller.reconcile import is_finished
-from kubetune_operator.manifests.common import child_name
 
 log = logging.getLogger(__name__)
 MAX_BODY = 16 * 1024
+UNKNOWN_UID = "00000000-0000-0000-0000-000000000000"  # no resource has it
 
 
 @dataclass
@@ -39,51 +45,35 @@ class ProgressWriter:
     """Authenticates progress reports and writes them to status, throttled per job."""
 
     controller: Controller
-    tokens: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
     last_write: dict[str, float] = field(default_factory=dict)
     pending: dict[str, dict[str, Any]] = field(default_factory=dict)
     flushes: dict[str, asyncio.Task[None]] = field(default_factory=dict)
 
     def forget(self, uid: str) -> None:
-        """Drop the state kept for a deleted job (tokens, throttling, a pending write)."""
+        """Drop the state kept for a deleted job (throttling, a pending write)."""
         self.last_write.pop(uid, None)
         self.pending.pop(uid, None)
         task = self.flushes.pop(uid, None)
         if task is not None:
             task.cancel()
-        for key in [k for k, (owner, _) in self.tokens.items() if owner == uid]:
-            del self.tokens[key]
 
-    async def _token(self, namespace: str, name: str, uid: str) -> str | None:
-        cached = self.tokens.get((namespace, name))
-        if cached is not None and cached[0] == uid:
-            return cached[1]
-        secret = child_name(name, "progress")
-        token = await self.controller.call(
-            self.controller.api().read_secret_key, namespace, secret, "token"
-        )
-        if token:
-            self.tokens[(namespace, name)] = (uid, token)
-        return token
+    def _authenticated(self, request: web.Request, namespace: str, name: str, uid: str) -> bool:
+        """Whether the bearer token is the job's (the same work for an unknown job)."""
+        header = request.headers.get("Authorization", "")
+        offered = header[7:].strip() if header.startswith("Bearer ") else ""
+        expected = self.controller.progress_token(namespace, name, uid)
+        return hmac.compare_digest(offered.encode(), expected.encode()) and bool(offered)
 
     async def handle(self, request: web.Request) -> web.Response:
         """``POST /progress/{namespace}/{name}``."""
         metrics = self.controller.metrics.progress
         namespace, name = request.match_info["namespace"], request.match_info["name"]
+        if self.controller.progress_key is None:
+            return web.Response(status=503, text="the operator is starting")
         caches = self.controller.caches
         owner = caches.owner("FineTuneJob", namespace, name) if caches else None
-        if owner is None:
-            metrics.labels("rejected").inc()
-            return web.Response(status=404, text="no such FineTuneJob")
-        uid = owner["metadata"]["uid"]
-        header = request.headers.get("Authorization", "")
-        offered = header[7:].strip() if header.startswith("Bearer ") else ""
-        expected = await self._token(namespace, name, uid)
-        if (
-            not offered
-            or expected is None
-            or not hmac.compare_digest(offered.encode(), expected.encode())
-        ):
+        uid = str(owner["metadata"]["uid"]) if owner is not None else UNKNOWN_UID
+        if not self._authenticated(request, namespace, name, uid) or owner is None:
             metrics.labels("rejected").inc()
             return web.Response(status=401, text="missing or wrong bearer token")
         if request.content_length is not None and request.content_length > MAX_BODY:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import secrets
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,6 +27,7 @@ from kubernetes import config as k8s_config
 from kubetune_operator.api import API_VERSION, GROUP, VERSION
 from kubetune_operator.controller.observe import format_time
 from kubetune_operator.controller.reconcile import EventSpec
+from kubetune_operator.controller.tokens import KEY_BYTES, new_key
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,22 @@ def _plural(kind: str) -> str:
     if kind == "Job":
         return "jobs"
     raise ValueError(f"unknown kind {kind}")
+
+
+def _key_of(secret: dict[str, Any], namespace: str, name: str) -> bytes:
+    """The ``key`` entry of a Secret as bytes (``data`` is base64; ``stringData`` is text)."""
+    encoded = (secret.get("data") or {}).get("key")
+    if encoded is not None:
+        key = base64.b64decode(encoded)
+    else:
+        key = str((secret.get("stringData") or {}).get("key") or "").encode()
+    if len(key) < KEY_BYTES:
+        raise KubeError(
+            422,
+            "Invalid",
+            f"Secret {namespace}/{name} needs a key 'key' of at least {KEY_BYTES} bytes",
+        )
+    return key
 
 
 @dataclass
@@ -147,9 +163,18 @@ class Kube:
         return True
 
     def ensure_progress_secret(
-        self, namespace: str, name: str, labels: dict[str, str], owner: dict[str, Any]
+        self,
+        namespace: str,
+        name: str,
+        token: str,
+        labels: dict[str, str],
+        owner: dict[str, Any],
     ) -> None:
-        """Create the per-job progress token Secret (random, 256 bits) unless it exists."""
+        """Create the per-job progress token Secret (key ``token``) unless it exists.
+
+        ``token`` is deterministic (:func:`tokens.progress_token`), so an existing Secret
+        (409 AlreadyExists) already holds the same value; it is never read.
+        """
         secret = {
             "apiVersion": "v1",
             "kind": "Secret",
@@ -160,23 +185,42 @@ class Kube:
                 "labels": labels,
                 "ownerReferences": [owner],
             },
-            "stringData": {"token": secrets.token_urlsafe(32)},
+            "stringData": {"token": token},
         }
         self.create(secret)
 
-    def read_secret_key(self, namespace: str, name: str, key: str) -> str | None:
-        """One key of a Secret, decoded; None when the Secret or key is missing."""
-        try:
-            secret = self.request("GET", f"{collection_path('v1', 'secrets', namespace)}/{name}")
-        except KubeError as exc:
-            if exc.status == 404:
-                return None
-            raise
-        value = (secret.get("data") or {}).get(key)
-        if value is None:
-            string = (secret.get("stringData") or {}).get(key)
-            return str(string) if string is not None else None
-        return base64.b64decode(value).decode()
+    def progress_key(self, namespace: str, name: str, labels: dict[str, str]) -> bytes:
+        """The operator's progress key: Secret ``namespace/name`` (key ``key``), made if absent.
+
+        The only Secret the operator ever reads, in its own namespace. A missing Secret is
+        created with a fresh random key; when another operator created it meanwhile (409),
+        that one is read back.
+
+        Raises:
+            KubeError: the API refused, or the Secret exists without a usable ``key`` (at
+                least :data:`tokens.KEY_BYTES` bytes).
+        """
+        path = f"{collection_path('v1', 'secrets', namespace)}/{name}"
+        for _ in range(2):
+            try:
+                found = self.request("GET", path)
+            except KubeError as exc:
+                if exc.status != 404:
+                    raise
+            else:
+                return _key_of(found, namespace, name)
+            key = new_key()
+            secret = {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "type": "Opaque",
+                "metadata": {"name": name, "namespace": namespace, "labels": labels},
+                "data": {"key": base64.b64encode(key).decode()},
+            }
+            if self.create(secret):
+                log.info("created the progress key Secret %s/%s", namespace, name)
+                return key
+        raise KubeError(409, "Conflict", f"Secret {namespace}/{name} keeps vanishing")
 
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The batch Job, or None when it does not exist."""
@@ -229,29 +273,15 @@ class Kube:
             content_type=MERGE_PATCH,
         )
 
-    def cleanup(
-        self, namespace: str, kind: str, name: str, uid: str, secrets: tuple[str, ...] = ()
-    ) -> int:
-        """Delete every child of the resource (Jobs last); returns how many were deleted.
+    def cleanup(self, namespace: str, kind: str, name: str, uid: str) -> int:
+        """Delete the run's children (Jobs last); returns how many were deleted.
 
-        ConfigMaps, Services and Jobs are found by label. Secrets are never listed: a list
-        returns every Secret's data, so RBAC would have to let the operator read them all.
-        The ``secrets`` (names: the progress token's) are read by name instead and deleted
-        when the resource owns them.
+        ConfigMaps, Services and Jobs are found by label. Secrets are left alone: listing
+        them would return every Secret's data (RBAC would have to let the operator read them
+        all), and the progress token Secret is owned by the resource, so garbage collection
+        deletes it with the resource.
         """
         deleted = 0
-        for secret_name in secrets:
-            path = f"{collection_path('v1', 'secrets', namespace)}/{secret_name}"
-            try:
-                secret = self.request("GET", path)
-            except KubeError as exc:
-                if exc.status == 404:
-                    continue
-                raise
-            owners = secret.get("metadata", {}).get("ownerReferences") or []
-            if any(o.get("uid") == uid for o in owners):
-                self.delete("v1", "secrets", namespace, secret_name)
-                deleted += 1
         selector = f"{GROUP}/{kind.lower()}={name}"
         for api_version, plural in (
             ("v1", "configmaps"),

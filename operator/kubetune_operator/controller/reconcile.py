@@ -83,12 +83,13 @@ class Plan:
     Attributes:
         status: the complete new status, or None when it is unchanged.
         create: child objects to create when absent, in order.
-        progress_secret: name of the Secret with a fresh random progress token to create
-            when absent (its value is made by the API layer, never here).
+        progress_secret: name of the Secret with the job's progress token to create when
+            absent (the token is derived from the operator's key by the API layer, never here).
         delete_jobs: Jobs (and their same-named ConfigMaps) to delete, e.g. a run that can
             never pull its image or a previous run's Job.
         suspend_job: set the run Job's ``spec.suspend`` to this value.
-        cleanup: delete every child (TTL after finishing); the resource itself stays.
+        cleanup: delete the run's children (TTL after finishing); the resource itself stays,
+            and so does the progress Secret (it goes with the resource).
         confirm_missing: name of a Job the caches do not show although status records it;
             the API layer must GET it and reconcile again with ``job_missing`` confirmed.
         confirm_pods: name of a finished Job whose pods the cache shows without a result;
