@@ -595,3 +595,17 @@ def test_suspend_is_not_applied_to_a_queued_job() -> None:
     p = plan(doc, status, (admitted,), (PodView("p", "Running"),))
     assert p.suspend_job is None
     assert cond(p.status, "SpecApplied")["reason"] == "QueueOwnsSuspension"
+
+
+def test_image_pull_grace_counts_from_the_first_seen_error_not_the_pod_start() -> None:
+    """A slow but working pull (long past the grace) then one transient error: keep waiting."""
+    slow = PodView(
+        "p",
+        "Pending",
+        start_time=NOW - timedelta(minutes=20),
+        waiting_reason="ErrImagePull",
+        waiting_since=NOW - timedelta(seconds=30),
+    )
+    assert verdict(BASE, slow) == ("Pending", "ImagePullBackOff")
+    stuck = replace(slow, waiting_since=NOW - timedelta(seconds=GRACE + 1))
+    assert verdict(BASE, stuck) == ("Failed", "ImagePullFailed")

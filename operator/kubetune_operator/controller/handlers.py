@@ -17,7 +17,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -31,7 +31,13 @@ from kubetune_operator.controller.conditions import find
 from kubetune_operator.controller.config import ControllerSettings
 from kubetune_operator.controller.kube import Kube, KubeError
 from kubetune_operator.controller.metrics import Metrics
-from kubetune_operator.controller.observe import JobView, PodView, job_view, pod_view
+from kubetune_operator.controller.observe import (
+    IMAGE_PULL_REASONS,
+    JobView,
+    PodView,
+    job_view,
+    pod_view,
+)
 from kubetune_operator.controller.reconcile import Desire, Observed, Plan, is_finished, plan_run
 from kubetune_operator.controller.tokens import new_key, progress_token
 from kubetune_operator.manifests.common import labels as child_labels
@@ -128,6 +134,7 @@ class Controller:
     parsed: dict[tuple[str, Any], Any] = field(default_factory=dict)
     executor: concurrent.futures.ThreadPoolExecutor | None = None
     caches: Caches | None = None
+    pull_errors_since: dict[str, datetime] = field(default_factory=dict)
     forget_hooks: list[Callable[[str], None]] = field(default_factory=list)
     background: set[asyncio.Task[None]] = field(default_factory=set)
     resync_task: asyncio.Task[None] | None = None
@@ -457,7 +464,19 @@ class Controller:
         @kopf.index("v1", "pods", labels=MANAGED, id="pods_index", registry=registry)
         def pods_index(body: kopf.Body, namespace: str | None, **_: Any) -> Any:
             uid = controller_uid(body, "Job")
-            return {(namespace, uid): pod_view(dict(body))} if uid else None
+            if not uid:
+                return None
+            view = pod_view(dict(body))
+            pod_uid = str(body.get("metadata", {}).get("uid"))
+            if view.waiting_reason in IMAGE_PULL_REASONS:
+                # A pull error's age counts from when it was first seen, not from the pod's
+                # start: a slow (but working) multi-GB pull must not eat the grace period.
+                # After an operator restart it counts again from then (later, never sooner).
+                since = self.pull_errors_since.setdefault(pod_uid, datetime.now(UTC))
+                view = replace(view, waiting_since=since)
+            else:
+                self.pull_errors_since.pop(pod_uid, None)
+            return {(namespace, uid): view}
 
         def caches(kwargs: dict[str, Any]) -> Caches:
             found = Caches(
@@ -483,7 +502,9 @@ class Controller:
                 owner_changed
             )
 
-        async def child_changed(body: kopf.Body, **kwargs: Any) -> None:
+        async def child_changed(body: kopf.Body, type: str | None, **kwargs: Any) -> None:
+            if type == "DELETED":
+                self.pull_errors_since.pop(str(body.get("metadata", {}).get("uid")), None)
             labels = body.get("metadata", {}).get("labels") or {}
             namespace = body.get("metadata", {}).get("namespace")
             for label, kind in OWNER_LABELS.items():

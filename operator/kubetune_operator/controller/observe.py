@@ -87,6 +87,7 @@ class PodView:
     terminated: Terminated | None = None
     disruption: str | None = None
     disruption_message: str | None = None
+    waiting_since: datetime | None = None  # when the operator first saw an image-pull error
 
 
 @dataclass(frozen=True)
@@ -342,7 +343,8 @@ def assess(  # noqa: PLR0911 - one return per verdict, in priority order
         pods: its Pods (any order; deleted ones may be included).
         now: the current time (aware).
         image_pull_grace_seconds: how long a pod may fail to pull its image before the run
-            fails with ``ImagePullFailed`` instead of waiting forever.
+            fails with ``ImagePullFailed`` instead of waiting forever, counted from when the
+            failure was first seen (``PodView.waiting_since``; the pod's start if unknown).
         backoff_limit: the spec's retry budget (for messages).
         queued: the Job waits for Kueue admission (its suspension is Kueue's, not the user's).
         pods_confirmed: ``pods`` were just listed from the API server, not from the watch
@@ -393,7 +395,7 @@ def assess(  # noqa: PLR0911 - one return per verdict, in priority order
     for pod in live:
         if pod.waiting_reason == "InvalidImageName" or (
             pod.waiting_reason in IMAGE_PULL_REASONS
-            and (now - (pod.start_time or pod.created or now)).total_seconds()
+            and (now - (pod.waiting_since or pod.start_time or pod.created or now)).total_seconds()
             >= image_pull_grace_seconds
         ):
             return Assessment(
