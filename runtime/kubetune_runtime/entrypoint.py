@@ -20,6 +20,7 @@ Environment: ``KUBETUNE_RESULT_PATH`` overrides where the result JSON is written
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import signal
@@ -72,6 +73,16 @@ def _parser() -> argparse.ArgumentParser:
             default=Path(os.environ.get("KUBETUNE_WORKDIR", "/tmp/kubetune")),  # noqa: S108
             help="scratch space for downloads and checkpoints (default: $KUBETUNE_WORKDIR)",
         )
+    sub.add_parser(
+        "serve",
+        help="the built-in OpenAI-compatible multi-LoRA engine (see `serve --help`)",
+        add_help=False,
+    )
+    sub.add_parser(
+        "agent",
+        help="the adapter agent sidecar: keeps the engine's adapters equal to the config",
+        add_help=False,
+    )
     return parser
 
 
@@ -146,8 +157,20 @@ def _exit_code(result: RunResult) -> int:
     return EXIT_PERMANENT if result.reason in PERMANENT_REASONS else EXIT_FAILED
 
 
+# Serving commands parse their own arguments (imported only when run: no work at import time).
+SERVING_COMMANDS = {
+    "serve": "kubetune_runtime.serving.engine",
+    "agent": "kubetune_runtime.serving.agent",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``kubetune-runtime``; returns the exit status."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words and words[0] in SERVING_COMMANDS:
+        module = importlib.import_module(SERVING_COMMANDS[words[0]])
+        code: int = module.main(words[1:])
+        return code
     args = _parser().parse_args(argv)
     proc = process_info()
     configure_logging(proc.rank)

@@ -1,0 +1,1 @@
+"""Serving: the built-in inference engine and the adapter agent that runs beside an engine."""
