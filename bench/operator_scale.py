@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.support.kube_api import KubeApi  # noqa: E402
+from tests.support.manifests import small_finetunejob  # noqa: E402
 
 FTJ = "kubetune.io/v1alpha1/finetunejobs"
 JOBS = "batch/v1/jobs"
@@ -83,26 +84,7 @@ def create(name, namespace, uid, **_):
 
 def manifest(name: str, namespace: str) -> dict[str, Any]:
     """A small valid LoRA SFT FineTuneJob (the quickstart's shape)."""
-    return {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {
-            "baseModel": {"uri": "s3://models/tiny-base"},
-            "dataset": {
-                "train": {
-                    "uri": "s3://datasets/gsm8k/train.jsonl",
-                    "format": "promptCompletion",
-                    "columns": {"prompt": "question", "completion": "answer"},
-                },
-                "maxSeqLength": 256,
-            },
-            "method": "lora",
-            "lora": {"r": 8, "alpha": 16},
-            "training": {"maxSteps": 20, "learningRate": "1e-3"},
-            "output": {"uri": f"s3://models/{namespace}/{name}"},
-        },
-    }
+    return small_finetunejob(name, namespace)
 
 
 def free_port() -> int:

@@ -51,6 +51,7 @@ from tests.support.kubelet import (
     Unschedulable,
     by_attempt,
 )
+from tests.support.manifests import small_finetunejob
 
 pytestmark = pytest.mark.integration
 
@@ -77,27 +78,7 @@ OPERATOR_THREADS = ("kubelet", "kubetune-operator", "kube-api")
 
 def manifest(name: str, **spec: Any) -> Obj:
     """A small valid LoRA SFT FineTuneJob (the quickstart's shape) with ``spec`` overrides."""
-    return {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {
-            "baseModel": {"uri": "s3://models/tiny-base"},
-            "dataset": {
-                "train": {
-                    "uri": "s3://datasets/gsm8k/train.jsonl",
-                    "format": "promptCompletion",
-                    "columns": {"prompt": "question", "completion": "answer"},
-                },
-                "maxSeqLength": 256,
-            },
-            "method": "lora",
-            "lora": {"r": 8, "alpha": 16},
-            "training": {"maxSteps": 20, "learningRate": "1e-3"},
-            "output": {"uri": f"s3://models/{NS}/{name}"},
-            **spec,
-        },
-    }
+    return small_finetunejob(name, NS, **spec)
 
 
 def runtime_result(reason: str, message: str) -> str:

@@ -327,6 +327,20 @@ def plan_run(
     stale = tuple(j.name for j in observed.jobs if j.name != desire.job_name and not j.deleting)
     finished = _run_finished(old_conditions, status)
 
+    def apply(status: dict[str, Any], a: Assessment, applied: Desired | None) -> Plan:
+        return _apply(
+            kind,
+            status=status,
+            old_status=old_status,
+            old_conditions=old_conditions,
+            a=a,
+            desire=desire,
+            applied=applied,
+            stale=stale,
+            generation=generation,
+            now=now,
+        )
+
     if finished:
         return _plan_finished(
             status=status,
@@ -349,34 +363,12 @@ def plan_run(
                 f"Job {desire.job_name} was deleted outside the operator before the run "
                 "finished; set a new spec.runId to run again",
             )
-            return _apply(
-                kind,
-                status=status,
-                old_status=old_status,
-                old_conditions=old_conditions,
-                a=a,
-                desire=desire,
-                applied=None,
-                stale=stale,
-                generation=generation,
-                now=now,
-            )
+            return apply(status, a, None)
         if desire.children is None:
             reason, message = desire.waiting or ("Pending", "waiting")
             a = Assessment("Failed" if desire.waiting_failed else "Pending", reason, message)
             status.pop("jobName", None)
-            return _apply(
-                kind,
-                status=status,
-                old_status=old_status,
-                old_conditions=old_conditions,
-                a=a,
-                desire=desire,
-                applied=None,
-                stale=stale,
-                generation=generation,
-                now=now,
-            )
+            return apply(status, a, None)
         # The verdict on the Job about to exist, so the next reconcile finds nothing to write.
         a = assess(
             JobView(name=desire.job_name, uid="", suspended=desire.suspend or desire.queue),
@@ -389,18 +381,7 @@ def plan_run(
         status["jobName"] = desire.job_name
         status.update(desire.extra_status)
         applied = Desired("SpecApplied", "True", "Applied", "the run uses the current spec")
-        plan = _apply(
-            kind,
-            status=status,
-            old_status=old_status,
-            old_conditions=old_conditions,
-            a=a,
-            desire=desire,
-            applied=applied,
-            stale=stale,
-            generation=generation,
-            now=now,
-        )
+        plan = apply(status, a, applied)
         created = EventSpec("Normal", "Created", f"created Job {desire.job_name}")
         return Plan(
             status=plan.status,
@@ -421,18 +402,7 @@ def plan_run(
         a = Assessment(
             "Pending", "Recreating", "the spec changed before the run started; recreating its Job"
         )
-        plan = _apply(
-            kind,
-            status=status,
-            old_status=old_status,
-            old_conditions=old_conditions,
-            a=a,
-            desire=desire,
-            applied=None,
-            stale=stale,
-            generation=generation,
-            now=now,
-        )
+        plan = apply(status, a, None)
         return Plan(status=plan.status, delete_jobs=(run_job.name, *stale), events=plan.events)
     a = assess(
         run_job,
@@ -472,18 +442,7 @@ def plan_run(
     if a.phase in ("Succeeded", "Failed"):
         status["completionTime"] = format_time(run_job.completion_time or now)
         status.update(result_status(kind, a.result))
-    plan = _apply(
-        kind,
-        status=status,
-        old_status=old_status,
-        old_conditions=old_conditions,
-        a=a,
-        desire=desire,
-        applied=applied,
-        stale=stale,
-        generation=generation,
-        now=now,
-    )
+    plan = apply(status, a, applied)
     return Plan(
         status=plan.status,
         delete_jobs=((run_job.name,) if a.stop_job else ()) + plan.delete_jobs,
