@@ -3,6 +3,10 @@
     kubetune-runtime train --config /etc/kubetune/run.json [--workdir /workspace]
     kubetune-runtime evaluate --config /etc/kubetune/run.json [--workdir /workspace]
 
+Serving pods run ``serve`` (the built-in engine), ``agent`` (the adapter agent sidecar) and
+``fetch-model`` (the init container that puts the base model in a local folder); each parses
+its own arguments and documents its own exit status, with the same meaning of 1, 2 and 3.
+
 Steps: parse arguments, validate the RunConfig, configure logging (INFO on rank 0 only), run
 the recipe, write a short JSON result to the termination-message path and stdout. A run that
 needs several processes and was not started by a launcher re-executes itself under torchrun.
@@ -83,6 +87,11 @@ def _parser() -> argparse.ArgumentParser:
         help="the adapter agent sidecar: keeps the engine's adapters equal to the config",
         add_help=False,
     )
+    sub.add_parser(
+        "fetch-model",
+        help="the serving init container: put the base model in a local folder",
+        add_help=False,
+    )
     return parser
 
 
@@ -161,6 +170,7 @@ def _exit_code(result: RunResult) -> int:
 SERVING_COMMANDS = {
     "serve": "kubetune_runtime.serving.engine",
     "agent": "kubetune_runtime.serving.agent",
+    "fetch-model": "kubetune_runtime.serving.fetch_model",
 }
 
 

@@ -1,5 +1,7 @@
 """Integration fixtures: a real S3 server (SeaweedFS) shared by the session.
 
+* ``adapters`` / ``reference``: three LoRA adapters trained by the runtime on the tiny model,
+  and plain PEFT's greedy outputs with each alone (``serving_support.py``), once per session.
 * ``s3_server``: :class:`tests.integration.s3_server.S3Server`, a ``weed mini`` on 127.0.0.1
   whose S3 API accepts only its own access key and secret (see ``s3_server.py``). Started on
   first use, stopped (its whole process group) at the end of the session. Tests that use it are
@@ -10,10 +12,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.integration.s3_server import S3Server, find_weed, running_s3_server
+from tests.integration.serving_support import reference_outputs, train_adapters
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +31,15 @@ def s3_server() -> Iterator[S3Server]:
         )
     with running_s3_server(weed=weed) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def adapters(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Path]:
+    """Three LoRA adapters A, B (rank 8) and C (rank 16) trained by the runtime."""
+    return train_adapters(tmp_path_factory.mktemp, tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model_dir: Path, adapters: dict[str, Path]) -> dict[tuple[str, int], list[int]]:
+    """Greedy tokens from plain transformers / PEFT, per (model, prompt index), alone."""
+    return reference_outputs(tiny_model_dir, adapters)

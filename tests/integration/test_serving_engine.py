@@ -9,7 +9,6 @@ greedy `generate`) token by token, for both per-row LoRA kernels.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import json
 import shutil
 import signal
@@ -35,7 +34,8 @@ from kubetune_runtime.serving.engine import (
 )
 from kubetune_runtime.serving.server import ADMIN_HOST, Listeners, create_admin_app, create_app
 from kubetune_runtime.storage.artifacts import write_manifest
-from tests.integration.runtime_support import GSM8K_TRAIN, run_config, run_runtime
+from tests.integration.runtime_support import GSM8K_TRAIN
+from tests.integration.serving_support import MAX_TOKENS, PROMPTS
 
 pytestmark = [
     pytest.mark.integration,
@@ -45,81 +45,11 @@ pytestmark = [
 ]
 
 BASE_NAME = "tiny"
-MAX_TOKENS = 12
-PROMPTS = (
-    "Natalia sold clips to 48 of her friends in April, and then she sold half as many",
-    "Weng earns $12 an hour for babysitting.",
-    "Betty is saving money for a new wallet which costs $100. Betty has only half of the money",
-    "James writes",
-)
 ADMIN_KEY = "s3cret-admin-key"
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
 
 
 # ---------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="session")
-def adapters(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Path]:
-    """Three LoRA adapters A, B (rank 8) and C (rank 16) trained by the runtime."""
-    recipes = {
-        "a": {"seed": 1, "learning_rate": 3e-2, "max_samples": 32},
-        "b": {"seed": 2, "learning_rate": 5e-2, "max_samples": 48},
-        "c": {"seed": 3, "learning_rate": 2e-2, "max_samples": 64, "r": 16},  # mixed ranks
-    }
-
-    def train(name: str) -> Path:
-        recipe = recipes[name]
-        tmp = tmp_path_factory.mktemp(f"adapter-{name}")
-        config = run_config(
-            tmp,
-            tiny_model_dir,
-            data={
-                "train": {
-                    "uri": GSM8K_TRAIN.as_uri(),
-                    "format": "promptCompletion",
-                    "columns": {"prompt": "question", "completion": "answer"},
-                    "max_samples": recipe["max_samples"],
-                },
-                "max_seq_length": 128,
-            },
-            lora={"r": recipe.get("r", 8), "lora_alpha": 2 * recipe.get("r", 8)},
-            training={
-                "max_steps": 4,
-                "learning_rate": recipe["learning_rate"],
-                "per_device_train_batch_size": 2,
-                "logging_steps": 1,
-                "seed": recipe["seed"],
-            },
-        )
-        code, _, stderr = run_runtime(tmp, config)
-        assert code == 0, stderr[-3000:]
-        return tmp / "out" / "adapter"
-
-    with concurrent.futures.ThreadPoolExecutor(len(recipes)) as pool:
-        return dict(zip(recipes, pool.map(train, recipes), strict=True))
-
-
-@pytest.fixture(scope="session")
-def reference(tiny_model_dir: Path, adapters: dict[str, Path]) -> dict[tuple[str, int], list[int]]:
-    """Greedy tokens from plain transformers / PEFT, per (model, prompt index), alone."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    outputs: dict[tuple[str, int], list[int]] = {}
-    for name in (BASE, *adapters):
-        model: Any = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-        if name != BASE:
-            model = PeftModel.from_pretrained(model, adapters[name])
-        model.eval()
-        for index, prompt in enumerate(PROMPTS):
-            encoded = tokenizer(prompt, return_tensors="pt")
-            with torch.inference_mode():
-                generated = model.generate(**encoded, max_new_tokens=MAX_TOKENS, do_sample=False)
-            outputs[name, index] = generated[0, encoded["input_ids"].shape[1] :].tolist()
-    return outputs
 
 
 def _engine(model_dir: Path, **overrides: Any) -> ServingEngine:
@@ -502,6 +432,31 @@ def test_admin_routes_exist_only_on_the_loopback_admin_listener(
         assert engine.stats.generated_tokens - generated < 900
 
 
+def test_the_admin_listener_binds_the_loopback_address_it_is_given(engine: ServingEngine) -> None:
+    """A test harness gives each emulated pod its own 127.0.0.N: both listeners bind there."""
+    served = Listeners(engine, host="127.0.0.5", port=0, admin_host="127.0.0.5", admin_port=0)
+    thread = threading.Thread(target=asyncio.run, args=(served.run(),), daemon=True)
+    thread.start()
+    try:
+        for _ in range(200):
+            if served.started:
+                break
+            threading.Event().wait(0.05)
+        assert served.started
+        bound = served.addresses()
+        assert bound["admin"][0] == bound["inference"][0] == "127.0.0.5"
+        with httpx.Client(timeout=30) as client:
+            assert client.get(f"http://127.0.0.5:{bound['admin'][1]}/health").status_code == 200
+            with pytest.raises(httpx.ConnectError):  # nothing on the default loopback address
+                client.get(f"http://127.0.0.1:{bound['admin'][1]}/health")
+    finally:
+        served.stop()
+        thread.join(15)
+    for address in ("0.0.0.0", "10.0.0.1", "::", "localhost"):  # noqa: S104
+        with pytest.raises(ValueError, match="never reachable from outside the pod"):
+            Listeners(engine, port=0, admin_host=address, admin_port=0)
+
+
 # ---------------------------------------------------------------------------- OpenAI API
 
 
@@ -718,6 +673,45 @@ def test_serve_command_preloads_adapters_and_stops_on_sigterm(
         server.send_signal(signal.SIGTERM)
         _, stderr = server.communicate(timeout=30)
     assert server.returncode == 0, stderr[-3000:]
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "127.0.0.5", "127.255.255.254", "::1"])
+def test_serve_accepts_loopback_admin_hosts(address: str) -> None:
+    from kubetune_runtime.serving.server import build_parser
+
+    args = build_parser().parse_args(["--model", "m", "--admin-host", address])
+    assert args.admin_host == address
+    assert build_parser().parse_args(["--model", "m"]).admin_host == ADMIN_HOST == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "0.0.0.0",  # noqa: S104
+        "10.0.0.1",
+        "192.168.1.5",
+        "::",
+        "::ffff:127.0.0.1",
+        "fe80::1",
+        "128.0.0.1",
+        "localhost",
+        "",
+    ],
+)
+def test_serve_refuses_admin_hosts_outside_loopback(
+    address: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kubetune_runtime.serving.server import build_parser, main
+
+    with pytest.raises(SystemExit) as usage:
+        build_parser().parse_args(["--model", "m", "--admin-host", address])
+    assert usage.value.code == 2
+    err = capsys.readouterr().err
+    assert "--admin-host" in err
+    assert "never reachable from outside the pod" in err
+    with pytest.raises(SystemExit) as usage:  # refused before the model is loaded
+        main(["--model", "/nonexistent", "--admin-host", address])
+    assert usage.value.code == 2
 
 
 def test_serve_command_refuses_bad_arguments(tmp_path: Path) -> None:

@@ -1222,3 +1222,58 @@ def test_main_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
             process.communicate()
     assert process.returncode == 0, output
     assert "Agent stopped" in output
+
+
+@pytest.mark.asyncio
+async def test_adding_a_pinned_adapter_does_not_take_a_ready_pod_out_of_service(
+    harness: Harness, engine: tuple[FakeEngine, int]
+) -> None:
+    """Every replica loads a new adapter at once: gating on it would stop all traffic."""
+    fake, _ = engine
+    a, b = harness.publish("a"), harness.publish("b", adapter_files(seed=1))
+    await harness.start([entry(a, "a")])
+    await harness.wait_phases({"a": "Loaded"})
+    assert (await harness.get("/readyz")).status_code == 200
+
+    fake.hold["b"] = asyncio.Event()
+    harness.write_config([entry(a, "a"), entry(b, "b")])
+    await harness.wait_phases({"a": "Loaded", "b": "Loading"})
+    assert (await harness.get("/readyz")).json() == {"ready": True}  # a still serves
+    fake.hold["b"].set()
+    await harness.wait_phases({"a": "Loaded", "b": "Loaded"})
+
+    # An engine that restarted lost both: the pod leaves the Service until both are back.
+    fake.hold["a"] = asyncio.Event()
+    fake.restart()
+    await until(lambda: _status_is(harness, ready=False))
+    ready = await harness.get("/readyz")
+    assert ready.status_code == 503
+    assert "a" in ready.json()["reason"]
+    fake.hold["a"].set()
+    await harness.wait_phases({"a": "Loaded", "b": "Loaded"})
+    assert (await harness.get("/readyz")).status_code == 200
+
+
+@pytest.mark.asyncio
+async def test_readiness_and_status_never_vouch_for_adapters_a_restarted_engine_lost(
+    harness: Harness, engine: tuple[FakeEngine, int]
+) -> None:
+    """Between two resyncs an engine restart is invisible to the loop; /readyz and /status
+    observe the engine afresh, so neither says Loaded for what the engine no longer has."""
+    fake, _ = engine
+    harness.reconcile_overrides = {"resync_seconds": 120.0}
+    a = harness.publish("a")
+    await harness.start([entry(a, "a")])
+    await harness.wait_phases({"a": "Loaded"})
+    assert (await harness.get("/readyz")).status_code == 200
+    await asyncio.sleep(1.1)  # older than REFRESH_MAX_AGE
+
+    fake.hold["a"] = asyncio.Event()
+    fake.restart()  # far from the next resync
+    ready = await harness.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["reason"] == "pinned adapters not loaded: a"
+    assert (await harness.adapter("a"))["phase"] != "Loaded"
+    fake.hold["a"].set()
+    await harness.wait_phases({"a": "Loaded"})
+    assert (await harness.get("/readyz")).status_code == 200

@@ -53,12 +53,9 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
-
-from pydantic import ValidationError
 
 from kubetune_runtime.errors import ArtifactInvalid, ConfigInvalid, StorageFailure
 from kubetune_runtime.serving import agent_plan
@@ -72,7 +69,7 @@ from kubetune_runtime.serving.agent_engine import (
 )
 from kubetune_runtime.serving.agent_plan import Action, AdapterState, EngineView
 from kubetune_runtime.serving.agent_server import StatusServer
-from kubetune_runtime.serving.config import ServingConfig
+from kubetune_runtime.serving.config import ServingConfig, load_config, read_config
 from kubetune_runtime.storage.artifacts import fetch_verified
 from kubetune_runtime.storage.fetch import storage_for
 
@@ -82,50 +79,13 @@ log = logging.getLogger("kubetune.agent")
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/kubetune/serving/config.json")
 EXIT_FAILED: Final = 1
+REFRESH_MAX_AGE: Final = 1.0  # seconds: /status and /readyz observe the engine at most this stale
 EXIT_USAGE: Final = 2
 _HEX_DIGITS: Final = 64
 
 
 class Incompatible(Exception):
     """The engine cannot serve the adapter; ``str(exc)`` lists every reason."""
-
-
-@dataclass(frozen=True)
-class _Reading:
-    """One read of the config file: its content hash and the model (or why there is none)."""
-
-    digest: str
-    config: ServingConfig | None
-    error: str | None
-
-
-def _read_config(path: Path) -> _Reading:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        return _Reading("", None, f"cannot read {path}: {exc.strerror or exc}")
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    try:
-        return _Reading(digest, ServingConfig.model_validate_json(data), None)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
-            for err in exc.errors()[:5]
-        )
-        return _Reading(digest, None, f"{path} is not a valid ServingConfig: {problems}")
-
-
-def load_config(path: Path) -> ServingConfig:
-    """Read and validate a ServingConfig file.
-
-    Raises:
-        ConfigInvalid: the file cannot be read or is not a valid ServingConfig (the message
-            names the fields).
-    """
-    reading = _read_config(path)
-    if reading.config is None:
-        raise ConfigInvalid(reading.error or f"{path}: unreadable")
-    return reading.config
 
 
 def _rfc3339(moment: datetime | None) -> str | None:
@@ -218,7 +178,7 @@ class Agent:
     ) -> None:
         self._path = config_path
         self._config = config
-        reading = _read_config(config_path)
+        reading = read_config(config_path)
         self._config_digest = reading.digest if reading.config == config else ""
         self._config_error: str | None = None
         self._engine_factory = engine_factory
@@ -231,8 +191,15 @@ class Agent:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._unloads: dict[str, asyncio.Task[None]] = {}
         self._view: EngineView | None = None
+        # Pinned adapters this pod has been Ready with since the engine came up (None: not
+        # Ready yet). See ready().
+        self._serving: set[str] | None = None
         self._engine_error: str | None = "not observed yet"
         self._observed_time: datetime | None = None
+        # Monotonic start of the last completed engine observation, and a signal per
+        # completion (refresh() waits on it).
+        self._observed_at: float | None = None
+        self._observed = asyncio.Event()
         self._wake = asyncio.Event()
         self._stopping = False
         self._downloads = asyncio.Semaphore(config.reconcile.max_parallel_downloads)
@@ -313,7 +280,7 @@ class Agent:
 
     def _poll_config(self) -> bool:
         """Apply the config file if its content changed; True when a new config took effect."""
-        reading = _read_config(self._path)
+        reading = read_config(self._path)
         if reading.digest == self._config_digest and reading.config is not None:
             self._config_error = None  # e.g. a broken update was reverted
             return False
@@ -365,12 +332,16 @@ class Agent:
                 log.info("Engine not ready: %s", exc)
             self._engine_error = str(exc)
             self._view = None
+            self._serving = None  # an engine that comes back has lost its adapters
         else:
             if self._engine_error is not None:
                 log.info("Engine ready adapters=%d", len(adapters))
             self._engine_error = None
             self._view = EngineView(adapters=adapters, observed_at=observed_at)
         self._observed_time = datetime.now(UTC)
+        self._observed_at = observed_at
+        self._observed.set()
+        self._observed = asyncio.Event()
         decision = agent_plan.plan(
             self._config.adapters,
             self._states,
@@ -384,6 +355,7 @@ class Agent:
             next_token=self._next_token,
         )
         self._states = decision.states
+        self._track_readiness()
         for action in decision.actions:
             self._start(action)
         if self._view is not None:
@@ -422,6 +394,7 @@ class Agent:
             elif new.last_error and new.last_error != current.last_error:
                 log.warning("Adapter step failed name=%s error=%s", new.name, new.last_error)
             self._states[state.name] = new
+            self._track_readiness()
         task = self._tasks.get(state.name)
         if task is asyncio.current_task():
             del self._tasks[state.name]
@@ -549,15 +522,70 @@ class Agent:
             ],
         }
 
+    async def refresh(self, max_age: float = REFRESH_MAX_AGE) -> None:
+        """Make the next status or readiness answer rest on a fresh engine observation.
+
+        When the last observation started more than ``max_age`` seconds ago, wake the loop
+        and wait (at most the request timeout) for an observation that started after this
+        call. An engine restart between two resyncs loses every adapter: without this, the
+        pod would be Ready again as soon as the engine answers ``/health`` and the operator
+        would report adapters that are gone.
+        """
+        if self._loop_done or self._stopping:
+            return
+        requested = self._clock()
+        if self._observed_at is not None and requested - self._observed_at <= max_age:
+            return
+        deadline = requested + self._config.reconcile.request_timeout_seconds
+        self._wake.set()
+        while self._observed_at is None or self._observed_at < requested:
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._observed.wait(), timeout=remaining)
+
+    def _pinned_loaded(self) -> tuple[set[str], set[str]]:
+        """(pinned adapter names, those Loaded)."""
+        pinned = {a.name for a in self._config.adapters if a.pinned}
+        loaded = {n for n in pinned if n in self._states and self._states[n].phase == "Loaded"}
+        return pinned, loaded
+
+    def _track_readiness(self) -> None:
+        """Update the set of pinned adapters the pod is Ready with (see :meth:`ready`)."""
+        if self._view is None:
+            self._serving = None
+            return
+        pinned, loaded = self._pinned_loaded()
+        if self._serving is None:
+            if loaded == pinned:
+                self._serving = set(pinned)
+        else:
+            self._serving = (self._serving & pinned) | loaded
+
     def ready(self) -> tuple[bool, str]:
-        """Ready when the engine answers and every pinned adapter is Loaded."""
+        """Whether the pod should receive requests (``GET /readyz``).
+
+        Until the pod has first been Ready (since the engine came up): when the engine
+        answers and every pinned adapter is Loaded, so a new or restarted pod never gets a
+        request for an adapter it does not have yet.
+
+        After that, a pinned adapter *added* to the config does not take the pod out of
+        the Service while it loads (every replica loads it at the same time: gating on it
+        would stop all traffic to the adapters already served); the AdapterDeployment's
+        ``Ready`` condition says when it serves everywhere. The pod stays Ready while the
+        engine still has each pinned adapter it was Ready with (a digest being replaced in
+        place keeps serving the old weights), and is not Ready when the engine is down or
+        has lost one of them (an engine restart), until they are loaded again.
+        """
         if self._view is None:
             return False, f"engine not ready: {self._engine_error}"
-        waiting = sorted(
-            a.name
-            for a in self._config.adapters
-            if a.pinned and (a.name not in self._states or self._states[a.name].phase != "Loaded")
-        )
+        pinned, loaded = self._pinned_loaded()
+        if self._serving is None:
+            waiting = sorted(pinned - loaded)
+        else:
+            lost = self._serving & pinned
+            waiting = sorted(n for n in lost if n not in loaded and n not in self._view.adapters)
         if waiting:
             return False, f"pinned adapters not loaded: {', '.join(waiting)}"
         return True, ""

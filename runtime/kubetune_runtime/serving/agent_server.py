@@ -33,6 +33,10 @@ class StatusSource(Protocol):
         """The /status document."""
         ...
 
+    async def refresh(self) -> None:
+        """Observe the engine again unless the last observation is very recent."""
+        ...
+
     def ready(self) -> tuple[bool, str]:
         """Whether the pod should get traffic, and why not."""
         ...
@@ -49,16 +53,22 @@ def build_status_app(source: StatusSource) -> FastAPI:
         ``GET /status``: 200 and the agent's status document (see ``Agent.status``).
         ``GET /readyz``: 200 ``{"ready": true}`` when the engine is up and every pinned
         adapter is Loaded, else 503 ``{"ready": false, "reason": "..."}``.
+
+    ``/status`` and ``/readyz`` first observe the engine afresh (at most about once a
+    second): an engine that restarted between two resyncs has lost its adapters, and neither
+    the pod's readiness nor the operator's status may vouch for them meanwhile.
         ``GET /healthz``: 200 ``{"healthy": true}`` while the reconcile loop runs, else 503.
     """
     app = FastAPI(title="kubetune adapter agent", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.get("/status")
     async def status() -> JSONResponse:
+        await source.refresh()
         return JSONResponse(source.status())
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
+        await source.refresh()
         ok, reason = source.ready()
         body: dict[str, Any] = {"ready": ok} if ok else {"ready": False, "reason": reason}
         return JSONResponse(body, status_code=200 if ok else 503)

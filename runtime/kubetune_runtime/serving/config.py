@@ -11,16 +11,29 @@ again on every read; unknown fields are an error. It never holds a secret: the e
 key, where there is one, is read from ``engine.api_key_file``; storage credentials come from
 the pod's environment (``AWS_*``) exactly as for training.
 
-Schema module: pydantic, the standard library and ``kubetune_runtime.config`` only.
+Schema module: pydantic, the standard library, ``kubetune_runtime.config`` and (for the
+error :func:`load_config` raises) ``kubetune_runtime.errors`` only. :func:`read_config` /
+:func:`load_config` read the mounted file for the agent and ``fetch-model``.
 """
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
 from kubetune_runtime.config import StorageConfig
+from kubetune_runtime.errors import ConfigInvalid
 
 SCHEMA_VERSION: Final = "kubetune.io/servingconfig/v1"
 
@@ -248,3 +261,48 @@ class ServingConfig(_Config):
         if self.reconcile.backoff_max_seconds < self.reconcile.backoff_initial_seconds:
             raise ValueError("reconcile.backoff_max_seconds must be >= backoff_initial_seconds")
         return self
+
+
+@dataclass(frozen=True)
+class ConfigReading:
+    """One read of the config file: its content hash and the model (or why there is none).
+
+    Attributes:
+        digest: ``sha256:<hex>`` of the file's bytes; ``""`` when it could not be read.
+        config: the validated config, or ``None`` when the file is unreadable or invalid.
+        error: why there is no config (names the path and the first invalid fields).
+    """
+
+    digest: str
+    config: ServingConfig | None
+    error: str | None
+
+
+def read_config(path: Path) -> ConfigReading:
+    """Read and validate a ServingConfig file; never raises (failures are in ``error``)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return ConfigReading("", None, f"cannot read {path}: {exc.strerror or exc}")
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    try:
+        return ConfigReading(digest, ServingConfig.model_validate_json(data), None)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
+            for err in exc.errors()[:5]
+        )
+        return ConfigReading(digest, None, f"{path} is not a valid ServingConfig: {problems}")
+
+
+def load_config(path: Path) -> ServingConfig:
+    """Read and validate a ServingConfig file.
+
+    Raises:
+        ConfigInvalid: the file cannot be read or is not a valid ServingConfig (the message
+            names the fields).
+    """
+    reading = read_config(path)
+    if reading.config is None:
+        raise ConfigInvalid(reading.error or f"{path}: unreadable")
+    return reading.config

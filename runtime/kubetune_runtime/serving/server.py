@@ -1,7 +1,8 @@
 """``kubetune-runtime serve``: the built-in engine behind two HTTP listeners.
 
     kubetune-runtime serve --model DIR [--served-model-name NAME] [--base-model-uri URI ...]
-        [--host 0.0.0.0] [--port 8000] [--admin-port 8001] [--admin-key-file FILE]
+        [--host 0.0.0.0] [--port 8000] [--admin-host 127.0.0.1] [--admin-port 8001]
+        [--admin-key-file FILE]
         [--max-batch-size 8] [--max-batch-delay-ms 10] [--max-loras 32] [--max-lora-rank 64]
         [--max-model-len N] [--max-queued-requests 256] [--max-request-bytes 4194304]
         [--lora-kernel stacked|peft] [--dtype auto|float32|bfloat16|float16]
@@ -19,8 +20,13 @@
   chat prompts go through the tokenizer's chat template;
 * ``GET /health``: 200 while the engine runs, else 503.
 
-**Admin listener** (``127.0.0.1``:``--admin-port``, never another address, so a Service can
-never reach it), vLLM's runtime-LoRA contract:
+**Admin listener** (``--admin-host``:``--admin-port``, default ``127.0.0.1:8001``), vLLM's
+runtime-LoRA contract. ``--admin-host`` accepts loopback addresses only (``127.0.0.0/8`` or
+``::1``; anything else, a host name included, is an invalid argument, and :class:`Listeners`
+refuses it too), so the admin API is never reachable from outside the pod: no Service, other
+pod or node can connect to a loopback address. Another loopback address than the default
+lets several emulated pods share one machine (a test harness gives each its own
+``127.0.0.N``).
 
 * ``POST /v1/load_lora_adapter`` ``{"lora_name", "lora_path", "load_inplace"?}``: 200 with the
   text ``Success: LoRA adapter '<name>' added successfully.``; 400 (``InvalidUserInput``) for a
@@ -50,6 +56,7 @@ import argparse
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
 import signal
@@ -97,6 +104,7 @@ __all__ = [
     "DEFAULT_MAX_REQUEST_BYTES",
     "Listeners",
     "build_parser",
+    "check_loopback",
     "create_admin_app",
     "create_app",
     "main",
@@ -104,7 +112,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ADMIN_HOST: Final = "127.0.0.1"  # the admin API is never bound to another address
+ADMIN_HOST: Final = "127.0.0.1"  # the default; the admin API is only ever bound to loopback
 DEFAULT_MAX_REQUEST_BYTES: Final = 4 * 1024 * 1024
 GRACEFUL_SHUTDOWN_SECONDS: Final = 10
 EXIT_FAILED: Final = 1
@@ -144,8 +152,8 @@ def create_admin_app(
 ) -> FastAPI:
     """The adapter-admin API (vLLM's runtime-LoRA routes), plus models and health.
 
-    Serve it on 127.0.0.1 only (:class:`Listeners` does). With ``admin_key``, every route but
-    ``/health`` requires ``Authorization: Bearer <admin_key>``.
+    Serve it on a loopback address only (:class:`Listeners` does). With ``admin_key``, every
+    route but ``/health`` requires ``Authorization: Bearer <admin_key>``.
     """
     app = _base_app(engine, max_request_bytes, admin=True, admin_key=admin_key)
     authorized = [Depends(_bearer_check(admin_key))] if admin_key else []
@@ -487,16 +495,47 @@ class _Server(uvicorn.Server):
         yield
 
 
+def check_loopback(address: str) -> str:
+    """``address`` itself when it is a loopback IP address: ``127.0.0.0/8`` or ``::1``.
+
+    Raises:
+        ValueError: anything else (``0.0.0.0``, ``::``, a routable address, a host name such
+            as ``localhost``, an IPv4-mapped or scoped IPv6 address); the message says why.
+    """
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        raise ValueError(
+            f"{address!r} is not an IP address; the admin API binds to a loopback address "
+            "only (127.0.0.0/8 or ::1) so that it is never reachable from outside the pod"
+        ) from None
+    loopback = (
+        parsed.is_loopback
+        if isinstance(parsed, ipaddress.IPv4Address)
+        else parsed == ipaddress.IPv6Address("::1")
+    )
+    if not loopback:
+        raise ValueError(
+            f"{address} is not a loopback address; the admin API binds to 127.0.0.0/8 or ::1 "
+            "only so that it is never reachable from outside the pod"
+        )
+    return address
+
+
 class Listeners:
-    """The inference listener and the admin listener (on 127.0.0.1) in one event loop.
+    """The inference listener and the admin listener (on loopback) in one event loop.
 
     Args:
         engine: the engine both serve.
         host: the inference listener's address (``0.0.0.0`` in a pod).
         port: the inference port (0 picks a free one).
-        admin_port: the admin port on 127.0.0.1 (0 picks a free one).
+        admin_host: the admin listener's address, loopback only (see :func:`check_loopback`).
+        admin_port: the admin port (0 picks a free one).
         admin_key: bearer key for the admin routes, or ``None``.
         max_request_bytes: request body limit of both listeners.
+
+    Raises:
+        ValueError: ``admin_host`` is not a loopback address.
     """
 
     def __init__(
@@ -505,10 +544,12 @@ class Listeners:
         *,
         host: str = "0.0.0.0",  # noqa: S104 - a pod's server listens on all interfaces
         port: int = 8000,
+        admin_host: str = ADMIN_HOST,
         admin_port: int = 8001,
         admin_key: str | None = None,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     ) -> None:
+        check_loopback(admin_host)
         common: dict[str, Any] = {
             "log_config": None,
             "lifespan": "off",
@@ -525,7 +566,7 @@ class Listeners:
         self.admin = _Server(
             uvicorn.Config(
                 create_admin_app(engine, admin_key=admin_key, max_request_bytes=max_request_bytes),
-                host=ADMIN_HOST,
+                host=admin_host,
                 port=admin_port,
                 **common,
             )
@@ -572,6 +613,13 @@ class Listeners:
 # ------------------------------------------------------------------------------ CLI
 
 
+def _loopback_argument(text: str) -> str:
+    try:
+        return check_loopback(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``serve`` options (``argv`` of :func:`main` is what follows ``serve``)."""
     parser = argparse.ArgumentParser(
@@ -593,8 +641,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="0.0.0.0", help="inference address (default 0.0.0.0)")  # noqa: S104
     parser.add_argument("--port", type=int, default=8000, help="inference port (default 8000)")
     parser.add_argument(
-        "--admin-port", type=int, default=8001, help="admin port on 127.0.0.1 (default 8001)"
+        "--admin-host",
+        type=_loopback_argument,
+        default=ADMIN_HOST,
+        help=f"admin address, loopback only: 127.0.0.0/8 or ::1 (default {ADMIN_HOST})",
     )
+    parser.add_argument("--admin-port", type=int, default=8001, help="admin port (default 8001)")
     parser.add_argument(
         "--admin-key-file", type=Path, help="file holding the admin API's bearer key"
     )
@@ -703,6 +755,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             engine,
             host=args.host,
             port=args.port,
+            admin_host=args.admin_host,
             admin_port=args.admin_port,
             admin_key=admin_key,
             max_request_bytes=args.max_request_bytes,
