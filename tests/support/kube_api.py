@@ -198,6 +198,8 @@ BUILTINS = (
     Resource("", "v1", "events", "Event", short_names=("ev",)),
     Resource("", "v1", "serviceaccounts", "ServiceAccount", short_names=("sa",)),
     Resource("batch", "v1", "jobs", "Job", status=True),
+    Resource("apps", "v1", "deployments", "Deployment", status=True, short_names=("deploy",)),
+    Resource("apps", "v1", "replicasets", "ReplicaSet", status=True, short_names=("rs",)),
     Resource("events.k8s.io", "v1", "events", "Event", short_names=("ev",)),
     Resource("coordination.k8s.io", "v1", "leases", "Lease"),
     Resource("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition",

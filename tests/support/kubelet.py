@@ -324,9 +324,18 @@ class _Process:
     """A container's command running locally in a thread (own session, so its group is killed)."""
 
     def __init__(
-        self, name: str, command: list[str], env: dict[str, str], cwd: Path, log_path: Path
+        self,
+        name: str,
+        command: list[str],
+        env: dict[str, str],
+        cwd: Path,
+        log_path: Path,
+        *,
+        append: bool = False,
     ) -> None:
         self.command, self.env, self.cwd, self.log_path = command, env, cwd, log_path
+        self.append = append  # keep the log of earlier runs (restarted containers)
+        self.pid: int | None = None
         self.exit_code: int | None = None
         self.start_error: str | None = None
         self.done = threading.Event()
@@ -345,7 +354,7 @@ class _Process:
 
     def _run(self) -> None:
         try:
-            with self.log_path.open("wb") as out:
+            with self.log_path.open("ab" if self.append else "wb") as out:
                 try:
                     with self._lock:
                         if self._kill_at is not None:  # deleted before it could start
@@ -360,6 +369,7 @@ class _Process:
                             stderr=subprocess.STDOUT,
                             start_new_session=True,
                         )
+                        self.pid = proc.pid
                 except OSError as exc:  # the runtime's StartError: exit 128
                     self.start_error = f"failed to start container process: {exc}"
                     out.write(f"{self.start_error}\n".encode())
@@ -384,6 +394,10 @@ class _Process:
     def _kill_deadline(self) -> float | None:
         with self._lock:
             return self._kill_at
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group now (a crash, as a test simulates one)."""
+        self._signal(signal.SIGKILL)
 
     def _signal(self, sig: signal.Signals) -> None:
         proc = self._proc
@@ -1506,6 +1520,11 @@ def _map_json_paths(data: bytes, mounts: dict[str, Path]) -> bytes:
 
 def _field_value(pod: Obj, path: str, state: _PodState) -> str:
     """The downward API value of ``fieldPath`` for this pod."""
+    return field_value(pod, path, state.pod_ip)
+
+
+def field_value(pod: Obj, path: str, pod_ip: str, host_ip: str = "172.18.0.2") -> str:
+    """The downward API value of ``fieldPath`` for this pod."""
     meta = pod.get("metadata") or {}
     for prefix, source in (("metadata.labels", "labels"), ("metadata.annotations", "annotations")):
         if path.startswith(prefix + "['") and path.endswith("']"):
@@ -1516,8 +1535,8 @@ def _field_value(pod: Obj, path: str, state: _PodState) -> str:
         "metadata.uid": meta.get("uid", ""),
         "spec.nodeName": (pod.get("spec") or {}).get("nodeName", ""),
         "spec.serviceAccountName": (pod.get("spec") or {}).get("serviceAccountName", "default"),
-        "status.podIP": state.pod_ip,
-        "status.hostIP": "172.18.0.2",
+        "status.podIP": pod_ip,
+        "status.hostIP": host_ip,
     }
     return str(simple.get(path, ""))
 
