@@ -4,19 +4,29 @@
 -- table the script returns. Scripts set in argocd-cm run with Lua's base and table libraries
 -- only (no string library), so text is joined with `..` and nothing else.
 --
--- Written against the API's status model (api/adapterdeployment.py): conditions Ready,
--- Progressing and Degraded, and status.adapters[].phase. The operator does not reconcile
--- AdapterDeployments yet (issue 7); until it does, they stay Progressing.
+-- Reads the conditions the operator writes (controller/serving.py: serving_status and
+-- invalid_status), never the adapter list: the operator has already weighed pinned and
+-- unpinned adapters, pods and agents into them.
 --
---   Degraded     Degraded=True; or Ready=False for a reason that waiting cannot fix
---                (InvalidSpec, AdapterLoadFailed); or a pinned adapter (spec.adapters[].pinned,
---                true by default) is Failed: pinned adapters gate readiness
---   Suspended    spec.replicas is 0: nothing is served, on purpose
---   Healthy      Ready=True for the current generation: every pinned adapter answers on the
---                ready replicas (unpinned adapters that failed are named in the message)
---   Progressing  everything else: no status yet, the operator has not observed the latest
---                generation, a rollout or an adapter load is under way, or adapters are
---                Blocked (waiting for their FineTuneJob or for a passed EvalJob)
+--   Ready        True AllPinnedAdaptersLoaded; False ScaledToZero, NoReadyReplicas,
+--                PinnedAdaptersBlocked, PinnedAdaptersNotLoaded, InvalidSpec
+--   Progressing  True RollingOut, LoadingAdapters; False Complete, InvalidSpec
+--   Degraded     True AdaptersFailed, RolloutStuck, PodsFailing, AgentUnreachable,
+--                InvalidSpec; False AsExpected
+--
+-- Health, checked in this order:
+--
+--   Progressing  no status yet, or a status for an older generation
+--   Degraded     Degraded=True: an adapter failed (pinned or not: the message adds the Ready
+--                condition when the pinned adapters still serve), the rollout is stuck, pods
+--                crash or cannot pull their image, an agent is unreachable, or the spec is
+--                invalid
+--   Suspended    Ready=False ScaledToZero (spec.replicas: 0): nothing serves, on purpose
+--   Progressing  Progressing=True: the pods roll out new engine settings or adapters load
+--                (even while Ready=True, as Argo CD does for a Deployment)
+--   Healthy      Ready=True: every pinned adapter is loaded on every ready pod
+--   Progressing  everything else: no ready pod yet, pinned adapters Blocked (waiting for
+--                their FineTuneJob or a passed EvalJob) or not loaded yet
 
 local function find(conditions, kind)
   for _, c in ipairs(conditions or {}) do
@@ -36,22 +46,21 @@ local function describe(c)
   return text
 end
 
--- Ready=False reasons that are failures rather than waits.
-local FAILED_REASONS = { InvalidSpec = true, AdapterLoadFailed = true }
-
 local hs = {
   status = "Progressing",
   message = "Waiting for the kubetune operator to report a status",
 }
-local spec = obj.spec or {}
 local status = obj.status
 if status == nil or status.conditions == nil then
   return hs
 end
-
 local ready = find(status.conditions, "Ready")
+if ready == nil then
+  return hs
+end
+
 local observed = status.observedGeneration
-if ready ~= nil and ready.observedGeneration ~= nil then
+if ready.observedGeneration ~= nil then
   observed = ready.observedGeneration
 end
 local generation = obj.metadata.generation
@@ -60,70 +69,38 @@ if generation ~= nil and (observed == nil or observed < generation) then
   return hs
 end
 
--- Sort the adapters' states: pinned failures, unpinned failures, blocked.
-local unpinned = {}
-for _, a in ipairs(spec.adapters or {}) do
-  if a.pinned == false then
-    unpinned[a.name] = true
-  end
-end
-local failed, failedUnpinned, blocked = {}, {}, {}
-for _, a in ipairs(status.adapters or {}) do
-  if a.phase == "Failed" then
-    local text = a.name
-    if a.lastError ~= nil and a.lastError ~= "" then
-      text = text .. " (" .. a.lastError .. ")"
-    end
-    if unpinned[a.name] then
-      table.insert(failedUnpinned, text)
-    else
-      table.insert(failed, text)
-    end
-  elseif a.phase == "Blocked" then
-    table.insert(blocked, a.name)
-  end
-end
-
+local progressing = find(status.conditions, "Progressing")
 local degraded = find(status.conditions, "Degraded")
+
 if degraded ~= nil and degraded.status == "True" then
   hs.status = "Degraded"
   hs.message = describe(degraded)
-  return hs
-end
-if ready ~= nil and ready.status == "False" and FAILED_REASONS[ready.reason] then
-  hs.status = "Degraded"
-  hs.message = describe(ready)
-  return hs
-end
-if #failed > 0 then
-  hs.status = "Degraded"
-  hs.message = "Pinned adapters failed to load: " .. table.concat(failed, "; ")
-  return hs
-end
-
-if spec.replicas == 0 then
-  hs.status = "Suspended"
-  hs.message = "Scaled to zero replicas (spec.replicas: 0): no adapter is served"
-  return hs
-end
-
-if ready ~= nil and ready.status == "True" then
-  hs.status = "Healthy"
-  hs.message = describe(ready)
-  if #failedUnpinned > 0 then
-    hs.message = hs.message .. "; unpinned adapters failed: " .. table.concat(failedUnpinned, "; ")
+  if ready.status == "True" then
+    -- An unpinned adapter failed: the pinned ones still serve.
+    hs.message = hs.message .. " (still Ready: " .. describe(ready) .. ")"
   end
   return hs
 end
 
-local progressing = find(status.conditions, "Progressing")
-if ready ~= nil then
+if ready.status == "False" and ready.reason == "ScaledToZero" then
+  hs.status = "Suspended"
   hs.message = describe(ready)
-elseif progressing ~= nil then
-  hs.message = describe(progressing)
+  return hs
 end
-if #blocked > 0 then
-  hs.message = hs.message .. "; blocked adapters (waiting for their FineTuneJob or a passed "
-    .. "EvalJob): " .. table.concat(blocked, ", ")
+
+local changing = progressing ~= nil and progressing.status == "True"
+if ready.status == "True" then
+  if changing then
+    hs.message = describe(progressing) .. " (still Ready: " .. describe(ready) .. ")"
+  else
+    hs.status = "Healthy"
+    hs.message = describe(ready)
+  end
+  return hs
+end
+
+hs.message = describe(ready)
+if changing then
+  hs.message = hs.message .. "; " .. describe(progressing)
 end
 return hs

@@ -71,7 +71,8 @@ def _model(spec: BaseModelSpec) -> ModelConfig:
     )
 
 
-def _storage(spec: StorageSpec | None) -> StorageConfig:
+def storage_config(spec: StorageSpec | None) -> StorageConfig:
+    """The runtime's StorageConfig for a spec's storage section (the CA bundle as a file)."""
     if spec is None:
         return StorageConfig()
     return StorageConfig(
@@ -195,7 +196,7 @@ def render_finetune(
             run_id=spec.run_id,
         ),
         model=_model(spec.base_model),
-        storage=_storage(spec.storage),
+        storage=storage_config(spec.storage),
         data=DataConfig(
             train=_source(dataset.train),
             eval=_source(dataset.eval) if dataset.eval else None,
@@ -332,7 +333,7 @@ def render_eval(
             run_id=spec.run_id,
         ),
         model=_model(base_model),
-        storage=_storage(spec.storage),
+        storage=storage_config(spec.storage),
         evaluation=_evaluation(spec, spec.output.uri),
         adapter=adapter,
         progress=_progress(progress_url, progress_token_file),

@@ -7,7 +7,11 @@ multi-node run that succeeds and is cleaned up by its TTL (ConfigMap, Service, J
 status; the token Secret is only created), an EvalJob resolved from that FineTuneJob, the
 progress endpoint (derives the token from the key, patches status), suspension (patches the
 Job), an image that cannot be pulled (deletes the Job and ConfigMap), a Job deleted behind the
-operator's back (GETs it), a new ``runId`` (deletes the old run), and a restart. The emulator
+operator's back (GETs it), a new ``runId`` (deletes the old run), AdapterDeployments (their
+ConfigMap, Service and Deployment created, then replaced with PUT when an adapter list, the
+Service or the engine changes and when the ConfigMap is edited or the Deployment scaled by hand;
+status, Events; a ``fineTuneJobRef`` adapter and ``promotion.requirePassedEval`` read the
+FineTuneJob and EvalJob caches; a deletion, left to garbage collection), and a restart. The emulator
 records every HTTP request as RBAC sees it (``KubeApi.rbac_requests``: verb, API group,
 resource[/subresource], namespace, name).
 
@@ -33,7 +37,8 @@ from typing import Any
 
 import pytest
 
-from kubetune_operator.controller.handlers import RUN_KINDS
+from kubetune_operator.controller.handlers import OWNER_KINDS
+from kubetune_operator.manifests import adapterdeployment as serving
 from tests.integration.operator_support import (
     EVJ,
     FTJ,
@@ -57,6 +62,9 @@ RELEASE_NS, ACCOUNT = "kubetune-system", "kubetune"  # `helm install kubetune -n
 KEY_SECRET = "kubetune-progress-key"  # noqa: S105 - a name; the chart's default: <fullname>-progress-key
 TIMEOUT = 30.0
 DIGEST = "sha256:" + "5e" * 32
+D1, D2 = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+ADS = "kubetune.io/v1alpha1/adapterdeployments"
+DEPLOYMENTS = "apps/v1/deployments"
 TRAINED = json.dumps(
     {
         "status": "Succeeded",
@@ -76,12 +84,14 @@ EVALUATED = json.dumps(
 DATA_INVALID = json.dumps({"status": "Failed", "reason": "DataInvalid", "message": "row 3"})
 
 # Permissions no request can show, but that the code provably needs. Children carry owner
-# references with blockOwnerDeletion=true (manifests.common.owner_reference, checked below);
-# where the OwnerReferencesPermissionEnforcement admission plugin runs (OpenShift), the API
-# server allows that only with `update` on the owner's `finalizers` subresource. The emulator
-# has no admission plugins, so no request ever asks for it.
+# references with blockOwnerDeletion=true (manifests.common.owner_reference, checked below):
+# Jobs, ConfigMaps, Services and Secrets of FineTuneJobs and EvalJobs, the ConfigMap, Service
+# and Deployment of AdapterDeployments. Where the OwnerReferencesPermissionEnforcement
+# admission plugin runs (OpenShift), the API server allows that only with `update` on the
+# owner's `finalizers` subresource. The emulator has no admission plugins, so no request ever
+# asks for it.
 ADMISSION_ONLY = {
-    ("kubetune.io", f"{plural}/finalizers", "update") for plural in RUN_KINDS.values()
+    ("kubetune.io", f"{plural}/finalizers", "update") for plural in OWNER_KINDS.values()
 }
 
 # Non-resource URLs (discovery, version, OpenAPI): every authenticated client may GET them
@@ -165,6 +175,28 @@ def behaviour(job: Obj, pod: Obj, attempt: int) -> Any:
     return Succeed(TRAINED, after=0.1)
 
 
+def adapterdeployment(name: str, namespace: str, *adapters: Obj, **spec: Any) -> Obj:
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "AdapterDeployment",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "baseModel": {"uri": "s3://models/tiny-base"},
+            "engine": {"type": "builtin"},
+            "adapters": list(adapters),
+            **spec,
+        },
+    }
+
+
+def by_uri(name: str, digest: str) -> Obj:
+    return {"name": name, "source": {"uri": f"s3://adapters/{name}", "digest": digest}}
+
+
+def by_job(name: str, finetunejob_name: str) -> Obj:
+    return {"name": name, "source": {"fineTuneJobRef": {"name": finetunejob_name}}}
+
+
 # ------------------------------------------------------------------------------------ scenarios
 def report_progress(op: OperatorThread, api: KubeApi, namespace: str, name: str) -> None:
     """POST one progress report with the job's token (the operator does not read the Secret)."""
@@ -189,7 +221,13 @@ def report_progress(op: OperatorThread, api: KubeApi, namespace: str, name: str)
 def exercise(api: KubeApi, **settings: Any) -> None:
     """Every API-calling path of the operator, then a restart; asserts each outcome."""
     a, b = TEAM_A, TEAM_B
-    settings = {"operator_namespace": RELEASE_NS, "progress_key_secret": KEY_SECRET, **settings}
+    settings = {
+        "operator_namespace": RELEASE_NS,
+        "progress_key_secret": KEY_SECRET,
+        "serving_resync_seconds": 0.5,
+        "agent_timeout_seconds": 1.0,
+        **settings,
+    }
     with operator(api, **settings) as op, Kubelet(api, behaviour):
         # Multi-node (headless Service) with a TTL: success, then every child is deleted.
         api.create(
@@ -248,15 +286,116 @@ def exercise(api: KubeApi, **settings: Any) -> None:
         evaluated = wait_condition(api, EVJ, b, "eval", "Succeeded", "True", timeout=TIMEOUT)
         assert condition(evaluated, "Passed")["status"] == "True"
 
+        exercise_serving(api, b)
+
     # A restart: kopf lists everything again, the operator re-reads its caches.
     with operator(api, **settings):
         time.sleep(2.5)  # two resync periods
 
 
+def served(api: KubeApi, namespace: str, name: str) -> list[tuple[str, str]]:
+    """(name, digest) of the adapters an AdapterDeployment's ConfigMap tells the agents to serve."""
+    config_map = api.get("v1/configmaps", namespace, serving.config_map_name(name))
+    if config_map is None:
+        return []
+    config = json.loads(config_map["data"][serving.SERVING_CONFIG_KEY])
+    return [(a["name"], a["digest"]) for a in config.get("adapters", [])]
+
+
+def exercise_serving(api: KubeApi, namespace: str) -> None:
+    """AdapterDeployments: children created, replaced on every kind of change, status, deletion.
+
+    Runs once the FineTuneJob ``done`` succeeded and the EvalJob ``eval`` passed for its
+    artifact (``DIGEST``); no serving pods run, so Ready stays False (NoReadyReplicas).
+    """
+    ns = namespace
+    chat, gated = "chat", "gated"
+    api.create(ADS, adapterdeployment(chat, ns, by_uri("math", D1), by_job("tuned", "done")))
+    # Only what an EvalJob passed is served: the FineTuneJob's artifact, not "math".
+    api.create(
+        ADS,
+        adapterdeployment(
+            gated,
+            ns,
+            by_uri("math", D1),
+            by_job("tuned", "done"),
+            promotion={"requirePassedEval": True},
+        ),
+    )
+    wait_condition(api, ADS, ns, chat, "Ready", "False", "NoReadyReplicas", TIMEOUT)
+    wait_for(
+        lambda: served(api, ns, chat) == [("math", D1), ("tuned", DIGEST)],
+        TIMEOUT,
+        "chat's adapters in its ConfigMap",
+    )
+    wait_for(lambda: served(api, ns, gated) == [("tuned", DIGEST)], TIMEOUT, "the promoted adapter")
+    status = wait_condition(api, ADS, ns, gated, "Ready", "False", timeout=TIMEOUT)["status"]
+    assert {a["name"]: a["phase"] for a in status["adapters"]}["math"] == "Blocked"
+
+    # Adapters change: the ConfigMap is replaced.
+    api.patch(ADS, ns, chat, {"spec": {"adapters": [by_uri("math", D1), by_uri("sql", D2)]}})
+    wait_for(lambda: served(api, ns, chat) == [("math", D1), ("sql", D2)], TIMEOUT, "sql served")
+    # The Service's port changes: the Service is replaced.
+    api.patch(ADS, ns, chat, {"spec": {"service": {"port": 8080}}})
+
+    def service_port() -> int:
+        live = api.get("v1/services", ns, serving.service_name(chat)) or {}
+        return int(live["spec"]["ports"][0]["port"])
+
+    wait_for(lambda: service_port() == 8080, TIMEOUT, "the Service's new port")
+    # The engine changes: the Deployment is replaced (a rollout).
+    api.patch(ADS, ns, chat, {"spec": {"engine": {"type": "builtin", "maxBatchSize": 4}}})
+
+    def rolled() -> bool:
+        live = api.get(DEPLOYMENTS, ns, serving.deployment_name(chat)) or {}
+        return "4" in live["spec"]["template"]["spec"]["containers"][0]["args"]
+
+    wait_for(rolled, TIMEOUT, "the Deployment to take the new batch size")
+    # Hand edits of the children are reverted (PUT): the ConfigMap's data, `kubectl scale`.
+    api.patch("v1/configmaps", ns, serving.config_map_name(chat), {"data": {"config.json": "{}"}})
+    api.patch(DEPLOYMENTS, ns, serving.deployment_name(chat), {"spec": {"replicas": 7}})
+    wait_for(
+        lambda: served(api, ns, chat) == [("math", D1), ("sql", D2)], TIMEOUT, "config restored"
+    )
+    wait_for(
+        lambda: (
+            (api.get(DEPLOYMENTS, ns, serving.deployment_name(chat)) or {})["spec"]["replicas"] == 1
+        ),
+        TIMEOUT,
+        "replicas restored",
+    )
+    generation = api.get(ADS, ns, chat)["metadata"]["generation"]  # type: ignore[index]
+    wait_for(
+        lambda: (
+            (api.get(ADS, ns, chat) or {}).get("status", {}).get("observedGeneration") == generation
+        ),
+        TIMEOUT,
+        "the status of the last generation",
+    )
+
+    # Deleted: its children go by garbage collection; the operator deletes nothing.
+    children = (
+        ("v1/configmaps", serving.config_map_name(chat)),
+        ("v1/services", serving.service_name(chat)),
+        (DEPLOYMENTS, serving.deployment_name(chat)),
+    )
+    api.delete(ADS, ns, chat)
+
+    wait_for(
+        lambda: all(api.get(resource, ns, child) is None for resource, child in children),
+        TIMEOUT,
+        "chat's children to be garbage-collected",
+    )
+    # Its children's DELETED events may be handled before its own: the operator confirms the
+    # resource still exists before recreating a child, so nothing comes back (three resyncs).
+    time.sleep(1.5)
+    assert [c for r, c in children if api.get(r, ns, c) is not None] == []
+
+
 def owner_kinds_blocking_deletion(api: KubeApi) -> set[str]:
     """Kinds of owner references with blockOwnerDeletion=true on the remaining children."""
     kinds = set()
-    for resource in (JOBS, "v1/configmaps", "v1/secrets"):
+    for resource in (JOBS, "v1/configmaps", "v1/services", "v1/secrets", DEPLOYMENTS):
         for obj in api.list(resource):
             for ref in obj["metadata"].get("ownerReferences") or []:
                 if ref.get("blockOwnerDeletion"):
@@ -296,7 +435,7 @@ def test_the_chart_grants_exactly_what_the_operator_uses_in_all_namespaces(
     api: KubeApi, helm: Helm
 ) -> None:
     exercise(api)
-    assert owner_kinds_blocking_deletion(api) == set(RUN_KINDS)  # ADMISSION_ONLY's proof
+    assert owner_kinds_blocking_deletion(api) == set(OWNER_KINDS)  # ADMISSION_ONLY's proof
 
     observed = api.rbac_requests()
     grants = granted(helm.template(namespace=RELEASE_NS), ACCOUNT, RELEASE_NS)

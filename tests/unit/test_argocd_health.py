@@ -6,10 +6,10 @@ harness below mirrors that: lupa's Lua 5.1 with string, math, io, os, debug and 
 removed, and no string methods. `obj` is the resource as Argo CD hands it over: JSON objects
 as tables, arrays as 1-based sequences, numbers as floats.
 
-FineTuneJob and EvalJob samples are statuses computed by the operator's own reconcile
-(`plan_run`), so the scripts are checked against what the operator writes, not against a
-reading of the docs. AdapterDeployments are not reconciled yet (issue 7): their samples are
-written by hand and validated against the API's status model.
+Every sample is a status computed by the operator's own pure reconcile: `plan_run` for
+FineTuneJobs and EvalJobs, `serving_status` and `invalid_status` (controller/serving.py) for
+AdapterDeployments, fed with pods and agent reports as the caches would hold them. So the
+scripts are checked against what the operator writes, not against a reading of the docs.
 """
 
 from __future__ import annotations
@@ -29,7 +29,16 @@ from kubetune_operator.api.adapterdeployment import AdapterDeploymentStatus
 from kubetune_operator.controller import desired
 from kubetune_operator.controller.observe import JobView, PodView, Terminated
 from kubetune_operator.controller.reconcile import Desire, Observed, plan_run
+from kubetune_operator.controller.serving import (
+    DeploymentView,
+    ServingPod,
+    invalid_status,
+    resolve_adapters,
+    serving_status,
+)
+from kubetune_operator.controller.serving_handlers import parse as parse_adapterdeployment
 from kubetune_operator.manifests.common import OperatorSettings
+from kubetune_operator.validation import ManifestInvalid
 
 ROOT = Path(__file__).resolve().parents[2]
 ARGOCD = ROOT / "docs/argocd"
@@ -507,8 +516,35 @@ def test_evaljob_status_of_an_older_generation_is_progressing() -> None:
 
 # ---------------------------------------------------------------------------- AdapterDeployment
 
+CONFIG = "sha256:" + "c" * 64  # the rendered config.json's digest, as the agents report it
+ROLLED = DeploymentView(
+    generation=1, observed_generation=1, replicas=2, updated_replicas=2, ready_replicas=2
+)
+# Every reason the operator writes (controller/serving.py); the samples below cover them all.
+AD_REASONS = {
+    "Ready": {
+        "AllPinnedAdaptersLoaded",
+        "ScaledToZero",
+        "NoReadyReplicas",
+        "PinnedAdaptersBlocked",
+        "PinnedAdaptersNotLoaded",
+        "InvalidSpec",
+    },
+    "Progressing": {"RollingOut", "LoadingAdapters", "Complete", "InvalidSpec"},
+    "Degraded": {
+        "AdaptersFailed",
+        "RolloutStuck",
+        "PodsFailing",
+        "AgentUnreachable",
+        "AsExpected",
+        "InvalidSpec",
+    },
+}
+
 
 def adapterdeployment(generation: int = 1, **spec_changes: Any) -> dict[str, Any]:
+    """The three-adapter example: support-en (its FineTuneJob's artifact), support-de (by
+    digest) and sql-experimental (by digest, unpinned); promotion.requirePassedEval."""
     path = ROOT / "examples/adapterdeployment-three-adapters.yaml"
     doc: dict[str, Any] = yaml.safe_load(path.read_text())
     doc["metadata"].update(uid=UID, generation=generation)
@@ -516,146 +552,305 @@ def adapterdeployment(generation: int = 1, **spec_changes: Any) -> dict[str, Any
     return doc
 
 
-def cond(kind: str, status: str, reason: str, message: str, generation: int = 1) -> dict[str, Any]:
+def digests(doc: dict[str, Any]) -> dict[str, str]:
+    """Adapter name -> the digest served: support-en's is its FineTuneJob's (``DIGEST``)."""
+    return {a["name"]: a["source"].get("digest", DIGEST) for a in doc["spec"]["adapters"]}
+
+
+def evaljob_for(digest: str, passed: bool, name: str = "eval") -> dict[str, Any]:
+    """An EvalJob as the operator left it (``evaluated``), re-targeted at ``digest``."""
+    doc = evaljob()
+    doc["metadata"]["name"] = f"{name}-{digest[7:11]}"
+    status = evaluated([GATE_OK] if passed else [GATE_BAD], passed=passed)
+    return with_status(doc, {**status, "adapterDigest": digest})
+
+
+def all_passed(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    return [evaljob_for(d, passed=True) for d in digests(doc).values()]
+
+
+def agent(doc: dict[str, Any], phases: dict[str, str], errors: dict[str, str]) -> dict[str, Any]:
+    """An agent's ``/status``: every adapter Loaded unless ``phases`` says otherwise."""
     return {
-        "type": kind,
-        "status": status,
-        "observedGeneration": generation,
-        "lastTransitionTime": "2026-11-29T12:00:00Z",
-        "reason": reason,
-        "message": message,
-    }
-
-
-def ad_status(
-    ready: tuple[str, str, str],
-    adapters: dict[str, str],
-    *,
-    degraded: tuple[str, str, str] = ("False", "AsExpected", "no adapter is failing"),
-    generation: int = 1,
-    errors: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """An AdapterDeployment status, validated against the API model."""
-    status = {
-        "observedGeneration": generation,
-        "conditions": [
-            cond("Ready", *ready, generation=generation),
-            cond("Progressing", "False", "RolloutComplete", "rollout complete", generation),
-            cond("Degraded", *degraded, generation=generation),
-        ],
-        "endpoint": "http://llama31-8b-support.ml-team-support.svc:8000/v1",
-        "replicas": 2,
-        "readyReplicas": 2,
+        "engineReady": True,
+        "configDigest": CONFIG,
         "adapters": [
             {
                 "name": name,
-                "phase": phase,
-                "readyReplicas": 2 if phase == "Loaded" else 0,
-                **({"lastError": (errors or {})[name]} if name in (errors or {}) else {}),
+                "digest": digest,
+                "phase": phases.get(name, "Loaded"),
+                **({"lastError": errors[name]} if name in errors else {}),
             }
-            for name, phase in adapters.items()
+            for name, digest in digests(doc).items()
         ],
     }
+
+
+def serving_pods(
+    doc: dict[str, Any],
+    count: int = 2,
+    *,
+    phases: dict[str, str] | None = None,
+    errors: dict[str, str] | None = None,
+    **pod: Any,
+) -> list[ServingPod]:
+    """``count`` ready pods of the current template whose agents report ``phases``."""
+    fields: dict[str, Any] = {
+        "ready": True,
+        "current": True,
+        "agent": agent(doc, phases or {}, errors or {}),
+        **pod,
+    }
+    return [ServingPod(name=f"{doc['metadata']['name']}-{i}", **fields) for i in range(count)]
+
+
+def ad_reconcile(
+    doc: dict[str, Any],
+    pods: list[ServingPod],
+    deployment: DeploymentView | None = ROLLED,
+    *,
+    evaljobs: list[dict[str, Any]] | None = None,
+    old: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The status the operator writes after one reconcile (``serving_status``)."""
+    model = parse_adapterdeployment(doc)
+    assert not isinstance(model, ManifestInvalid), model
+    resolved = resolve_adapters(
+        model,
+        lambda _namespace, _name: succeeded_source(),  # support-en's FineTuneJob: DIGEST
+        all_passed(doc) if evaljobs is None else evaljobs,
+        old,
+    )
+    result = serving_status(
+        model,
+        resolved,
+        pods,
+        deployment,
+        config_digest=CONFIG,
+        old_status=old,
+        generation=doc["metadata"]["generation"],
+        now=NOW,
+    )
+    AdapterDeploymentStatus.model_validate(result.status)
+    return result.status
+
+
+def ad_invalid(doc: dict[str, Any], old: dict[str, Any] | None) -> dict[str, Any]:
+    """The status the operator writes for a spec its models reject (``invalid_status``)."""
+    error = parse_adapterdeployment(doc)
+    assert isinstance(error, ManifestInvalid)
+    status = invalid_status(str(error), old, doc["metadata"]["generation"], NOW)
     AdapterDeploymentStatus.model_validate(status)
     return status
 
 
-ALL_LOADED = {"support-en": "Loaded", "support-de": "Loaded", "sql-experimental": "Loaded"}
-READY = ("True", "RolloutComplete", "2/2 replicas serve every pinned adapter")
+def reasons(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
 
 
-@pytest.mark.parametrize(
-    ("doc", "status", "expected"),
-    [
-        pytest.param(
-            adapterdeployment(),
-            None,
-            ("Progressing", "Waiting for the kubetune operator to report a status"),
-            id="no-status",
-        ),
-        pytest.param(
-            adapterdeployment(),
-            ad_status(READY, ALL_LOADED),
-            ("Healthy", "RolloutComplete: 2/2 replicas serve every pinned adapter"),
-            id="ready",
-        ),
-        pytest.param(
-            adapterdeployment(),
-            ad_status(
-                READY,
-                {**ALL_LOADED, "sql-experimental": "Failed"},
-                errors={"sql-experimental": "rank 128 exceeds --max-lora-rank 64"},
+def ad_healthy() -> dict[str, Any]:
+    doc = adapterdeployment()
+    return ad_reconcile(doc, serving_pods(doc))
+
+
+def ad_samples() -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """Named (resource, operator-written status) pairs; ``test_adapterdeployment`` judges them."""
+    doc = adapterdeployment()
+    name = doc["metadata"]["name"]
+    rolling_out = DeploymentView(
+        generation=2, observed_generation=2, replicas=3, updated_replicas=1, ready_replicas=2
+    )
+    stuck = DeploymentView(
+        generation=1, observed_generation=1, replicas=2, updated_replicas=2, deadline_exceeded=True
+    )
+    invalid = adapterdeployment(generation=2)
+    invalid["spec"]["engine"]["type"] = "tgi"
+    scaled = adapterdeployment(replicas=0)
+    return {
+        "ready": (doc, ad_healthy()),
+        "pinned-failed": (
+            doc,
+            ad_reconcile(
+                doc,
+                serving_pods(
+                    doc,
+                    phases={"support-de": "Failed"},
+                    errors={"support-de": "manifest digest mismatch"},
+                ),
             ),
-            (
-                "Healthy",
-                "RolloutComplete: 2/2 replicas serve every pinned adapter; unpinned adapters "
-                "failed: sql-experimental (rank 128 exceeds --max-lora-rank 64)",
+        ),
+        "unpinned-failed-while-ready": (
+            doc,
+            ad_reconcile(
+                doc,
+                serving_pods(
+                    doc,
+                    phases={"sql-experimental": "Failed"},
+                    errors={"sql-experimental": "rank 128 exceeds --max-lora-rank 64"},
+                ),
             ),
-            id="ready-unpinned-failed",
         ),
-        pytest.param(
-            adapterdeployment(),
-            ad_status(
-                ("False", "Reconciling", "1/2 replicas ready"),
-                {**ALL_LOADED, "support-de": "Loading"},
+        "pinned-blocked": (
+            doc,
+            ad_reconcile(
+                doc,
+                serving_pods(doc),
+                evaljobs=[
+                    evaljob_for(DIGEST, passed=False),
+                    *[evaljob_for(d, passed=True) for d in digests(doc).values() if d != DIGEST],
+                ],
             ),
-            ("Progressing", "Reconciling: 1/2 replicas ready"),
-            id="rolling-out",
         ),
-        pytest.param(
-            adapterdeployment(),
-            ad_status(
-                ("False", "Reconciling", "waiting for pinned adapters"),
-                {**ALL_LOADED, "support-en": "Blocked"},
+        "pinned-loading": (
+            doc,
+            ad_reconcile(doc, serving_pods(doc, phases={"support-de": "Downloading"})),
+        ),
+        "crash-loop": (
+            doc,
+            ad_reconcile(
+                doc,
+                serving_pods(doc, ready=False, agent=None, waiting=("CrashLoopBackOff",)),
+                DeploymentView(generation=1, observed_generation=1, replicas=2, updated_replicas=2),
             ),
-            (
-                "Progressing",
-                "Reconciling: waiting for pinned adapters; blocked adapters (waiting for their "
-                "FineTuneJob or a passed EvalJob): support-en",
+        ),
+        "created": (doc, ad_reconcile(doc, [], None)),
+        "rolling-out": (
+            doc,
+            ad_reconcile(
+                doc,
+                [
+                    *serving_pods(doc, current=False),
+                    ServingPod(f"{name}-new", ready=False, current=True),
+                ],
+                rolling_out,
             ),
-            id="blocked",
         ),
-        pytest.param(
-            adapterdeployment(),
-            ad_status(
-                ("False", "AdapterLoadFailed", "support-de: digest mismatch"),
-                {**ALL_LOADED, "support-de": "Failed"},
-                degraded=("True", "AdapterLoadFailed", "support-de failed to load"),
+        "rollout-stuck": (doc, ad_reconcile(doc, [], stuck)),
+        "agent-unreachable": (
+            doc,
+            ad_reconcile(doc, serving_pods(doc, agent=None, agent_error="timed out")),
+        ),
+        "scaled-to-zero": (
+            scaled,
+            ad_reconcile(
+                scaled, [], DeploymentView(generation=2, observed_generation=2, replicas=0)
             ),
-            ("Degraded", "AdapterLoadFailed: support-de failed to load"),
-            id="degraded-condition",
         ),
-        pytest.param(
-            adapterdeployment(),
-            ad_status(("False", "InvalidSpec", "spec.engine: unknown engine"), {}),
-            ("Degraded", "InvalidSpec: spec.engine: unknown engine"),
-            id="invalid-spec",
-        ),
-        pytest.param(
-            adapterdeployment(),
-            ad_status(
-                ("False", "Reconciling", "loading"),
-                {**ALL_LOADED, "support-de": "Failed"},
-                errors={"support-de": "manifest digest mismatch"},
-            ),
-            ("Degraded", "Pinned adapters failed to load: support-de (manifest digest mismatch)"),
-            id="pinned-failed",
-        ),
-        pytest.param(
-            adapterdeployment(replicas=0),
-            ad_status(("False", "Reconciling", "no replicas"), {}),
-            ("Suspended", "Scaled to zero replicas (spec.replicas: 0): no adapter is served"),
-            id="scaled-to-zero",
-        ),
-        pytest.param(
-            adapterdeployment(generation=2),
-            ad_status(READY, ALL_LOADED),
-            ("Progressing", "Waiting for the kubetune operator to observe generation 2"),
-            id="lagging-generation",
-        ),
-    ],
-)
-def test_adapterdeployment(
-    doc: dict[str, Any], status: dict[str, Any] | None, expected: tuple[str, str]
-) -> None:
-    assert health("AdapterDeployment", with_status(doc, status)) == expected
+        "invalid-spec": (invalid, ad_invalid(invalid, ad_healthy())),
+        "lagging-generation": (adapterdeployment(generation=2), ad_healthy()),
+    }
+
+
+AD_EXPECTED: dict[str, tuple[str, str]] = {
+    "ready": ("Healthy", "AllPinnedAdaptersLoaded: 2 pinned adapter(s) loaded on 2/2 ready pod(s)"),
+    "pinned-failed": (
+        "Degraded",
+        "AdaptersFailed: support-de: llama31-8b-support-0: manifest digest mismatch",
+    ),
+    # Degraded=True although Ready=True: an unpinned adapter is not served, and only a human
+    # can fix that (its digest, the capacity). Argo CD shows it; the message says the pinned
+    # adapters still serve.
+    "unpinned-failed-while-ready": (
+        "Degraded",
+        "AdaptersFailed: sql-experimental: llama31-8b-support-0: rank 128 exceeds "
+        "--max-lora-rank 64 (still Ready: AllPinnedAdaptersLoaded: 2 pinned adapter(s) loaded "
+        "on 2/2 ready pod(s))",
+    ),
+    "pinned-blocked": (
+        "Progressing",
+        "PinnedAdaptersBlocked: support-en: sha256:abababababab awaits a passed EvalJob "
+        "(spec.promotion.requirePassedEval): EvalJob eval-abab did not pass (GatesFailed)",
+    ),
+    "pinned-loading": (
+        "Progressing",
+        "PinnedAdaptersNotLoaded: pinned adapters not loaded on every ready pod: support-de "
+        "(Downloading); LoadingAdapters: loading support-de",
+    ),
+    "crash-loop": (
+        "Degraded",
+        "PodsFailing: llama31-8b-support-0 (CrashLoopBackOff), "
+        "llama31-8b-support-1 (CrashLoopBackOff)",
+    ),
+    "created": (
+        "Progressing",
+        "NoReadyReplicas: 0/2 serving pods are ready; "
+        "RollingOut: 0/2 pods run the current engine settings",
+    ),
+    "rolling-out": (
+        "Progressing",
+        "RollingOut: 1/2 pods run the current engine settings (still Ready: "
+        "AllPinnedAdaptersLoaded: 2 pinned adapter(s) loaded on 2/2 ready pod(s))",
+    ),
+    "rollout-stuck": (
+        "Degraded",
+        "RolloutStuck: the serving Deployment exceeded its progress deadline",
+    ),
+    "agent-unreachable": (
+        "Degraded",
+        "AgentUnreachable: agent status: llama31-8b-support-0 (timed out), "
+        "llama31-8b-support-1 (timed out)",
+    ),
+    "scaled-to-zero": ("Suspended", "ScaledToZero: spec.replicas is 0: nothing serves"),
+    "invalid-spec": (
+        "Degraded",
+        "InvalidSpec: spec.engine: Input tag 'tgi' found using 'type' does not match any of "
+        "the expected tags: 'vllm', 'lorax', 'builtin'",
+    ),
+    "lagging-generation": (
+        "Progressing",
+        "Waiting for the kubetune operator to observe generation 2",
+    ),
+}
+
+
+def test_adapterdeployment_without_status_is_progressing() -> None:
+    assert health("AdapterDeployment", adapterdeployment()) == (
+        "Progressing",
+        "Waiting for the kubetune operator to report a status",
+    )
+    empty = with_status(adapterdeployment(), {"conditions": []})
+    assert health("AdapterDeployment", empty)[0] == "Progressing"
+
+
+@pytest.mark.parametrize("sample", list(AD_EXPECTED))
+def test_adapterdeployment(sample: str) -> None:
+    doc, status = ad_samples()[sample]
+    assert health("AdapterDeployment", with_status(doc, status)) == AD_EXPECTED[sample]
+
+
+def test_adapterdeployment_samples_are_the_operators_and_cover_every_reason() -> None:
+    samples = ad_samples()
+    assert set(samples) == set(AD_EXPECTED)
+    seen: dict[str, set[str]] = {kind: set() for kind in AD_REASONS}
+    for doc, status in samples.values():
+        for kind, (_, reason) in reasons(status).items():
+            seen[kind].add(reason)
+        if status["observedGeneration"] == doc["metadata"]["generation"]:
+            assert all(
+                c["observedGeneration"] == doc["metadata"]["generation"]
+                for c in status["conditions"]
+            )
+    assert seen == AD_REASONS
+    # The cases the health check tells apart, as the operator states them.
+    assert reasons(samples["unpinned-failed-while-ready"][1]) == {
+        "Ready": ("True", "AllPinnedAdaptersLoaded"),
+        "Progressing": ("False", "Complete"),
+        "Degraded": ("True", "AdaptersFailed"),
+    }
+    assert reasons(samples["crash-loop"][1])["Ready"] == ("False", "NoReadyReplicas")
+    assert reasons(samples["pinned-blocked"][1])["Degraded"] == ("False", "AsExpected")
+    assert reasons(samples["rolling-out"][1])["Ready"] == ("True", "AllPinnedAdaptersLoaded")
+
+
+def test_adapterdeployment_degraded_status_of_an_older_generation_is_progressing() -> None:
+    doc, status = ad_samples()["pinned-failed"]
+    edited = adapterdeployment(generation=2)
+    assert health("AdapterDeployment", with_status(edited, status)) == (
+        "Progressing",
+        "Waiting for the kubetune operator to observe generation 2",
+    )
+    # The condition's observedGeneration wins over the status one.
+    lagging = copy.deepcopy(status)
+    lagging["observedGeneration"] = 2
+    assert health("AdapterDeployment", with_status(edited, lagging))[0] == "Progressing"
+    assert health("AdapterDeployment", with_status(doc, status))[0] == "Degraded"

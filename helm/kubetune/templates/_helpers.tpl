@@ -76,34 +76,50 @@ In the all-namespaces mode they go in a ClusterRole, in watchNamespaces mode in 
 namespace.
 */}}
 {{- define "kubetune.namespacedRules" -}}
-# FineTuneJobs and EvalJobs: kopf lists and watches them (the operator reads its cache only);
-# status is written with merge patches on the status subresource, never spec.
+# FineTuneJobs, EvalJobs and AdapterDeployments: kopf lists and watches them (the operator
+# reads its cache only); status is written with merge patches on the status subresource,
+# never spec.
 - apiGroups: ["kubetune.io"]
-  resources: ["finetunejobs", "evaljobs"]
+  resources: ["finetunejobs", "evaljobs", "adapterdeployments"]
   verbs: ["list", "watch"]
+# An AdapterDeployment is read directly before its missing children are recreated: the
+# children of a deleted one must not come back from a stale cache.
 - apiGroups: ["kubetune.io"]
-  resources: ["finetunejobs/status", "evaljobs/status"]
+  resources: ["adapterdeployments"]
+  verbs: ["get"]
+- apiGroups: ["kubetune.io"]
+  resources: ["finetunejobs/status", "evaljobs/status", "adapterdeployments/status"]
   verbs: ["patch"]
 # Children carry owner references with blockOwnerDeletion; where the
 # OwnerReferencesPermissionEnforcement admission plugin is on (OpenShift), setting that needs
 # update on the owner's finalizers. No finalizer is ever written.
 - apiGroups: ["kubetune.io"]
-  resources: ["finetunejobs/finalizers", "evaljobs/finalizers"]
+  resources: ["finetunejobs/finalizers", "evaljobs/finalizers", "adapterdeployments/finalizers"]
   verbs: ["update"]
 # Jobs: watched (cache), created, suspended or resumed (patch), deleted (failed image pull,
 # new runId, TTL) and read by name to confirm one has vanished (JobMissing).
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# Pods of those Jobs: watched (cache) to explain a run: image pulls, scheduling, OOM, results.
+# Pods of those Jobs and of AdapterDeployments: watched (cache) to explain a run (image pulls,
+# scheduling, OOM, results) or a serving rollout (crash loops, readiness). The serving pods'
+# agents are read over HTTP, not through the API.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]
 # The RunConfig ConfigMap and the headless Service of multi-node runs: created, and deleted
-# by the TTL (found by label) or a new runId.
+# by the TTL (found by label) or a new runId. An AdapterDeployment's ConfigMap and Service:
+# watched (cache, the serving ones only, by label), created, and replaced (update, a PUT)
+# when their rendering changed or they were edited by hand; never deleted (garbage
+# collection follows the owner reference).
 - apiGroups: [""]
   resources: ["configmaps", "services"]
-  verbs: ["list", "create", "delete"]
+  verbs: ["list", "watch", "create", "update", "delete"]
+# An AdapterDeployment's Deployment: watched (cache, by label), created, and replaced (update,
+# a PUT) when the engine settings changed or it was scaled by hand; never deleted.
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["list", "watch", "create", "update"]
 # The per-job progress token Secret: created only. The operator derives each token from its
 # own key (kubetune.progressKeyRules), so it never reads, lists, watches or deletes Secrets
 # here; the Secret goes with its FineTuneJob through the owner reference.

@@ -232,6 +232,10 @@ class AdapterStatus(ApiModel):
     uri: ArtifactURI | None = Field(default=None, description="Resolved adapter URI.")
     digest: Digest | None = Field(default=None, description="Resolved manifest digest.")
     ready_replicas: int = Field(default=0, ge=0, description="Replicas serving it.")
+    message: Annotated[str, StringConstraints(max_length=1024)] | None = Field(
+        default=None,
+        description="Why it is Blocked or Pending, or which older digest is served meanwhile.",
+    )
     last_error: Annotated[str, StringConstraints(max_length=1024)] | None = Field(
         default=None, description="Last load error, as the engine or the agent reported it."
     )

@@ -61,6 +61,15 @@ class ControllerSettings(BaseModel):
         default=8081, description="kopf's liveness probe port (/healthz); None disables it."
     )
     workers: int = Field(default=16, gt=0, description="Threads for blocking API calls.")
+    serving_resync_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="How often every AdapterDeployment is reconciled and its pods' agents "
+        "are read (their adapter states raise no Kubernetes event).",
+    )
+    agent_timeout_seconds: float = Field(
+        default=5.0, gt=0, description="Timeout of one read of an agent's /status."
+    )
     operator_namespace: str | None = Field(
         default=None,
         description="The operator's own namespace (the chart sets it from the downward API): "

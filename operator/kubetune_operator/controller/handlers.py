@@ -39,6 +39,11 @@ from kubetune_operator.controller.observe import (
     pod_view,
 )
 from kubetune_operator.controller.reconcile import Desire, Observed, Plan, is_finished, plan_run
+from kubetune_operator.controller.serving_handlers import (
+    CHILD_RESOURCES,
+    SERVING_LABELS,
+    ServingReconciler,
+)
 from kubetune_operator.controller.tokens import new_key, progress_token
 from kubetune_operator.manifests.common import labels as child_labels
 from kubetune_operator.manifests.common import owner_reference
@@ -54,7 +59,12 @@ KEY_LABELS = {
     **MANAGED,
 }
 RUN_KINDS = {"FineTuneJob": "finetunejobs", "EvalJob": "evaljobs"}
-OWNER_LABELS = {f"{GROUP}/finetunejob": "FineTuneJob", f"{GROUP}/evaljob": "EvalJob"}
+OWNER_LABELS = {
+    f"{GROUP}/finetunejob": "FineTuneJob",
+    f"{GROUP}/evaljob": "EvalJob",
+    f"{GROUP}/adapterdeployment": "AdapterDeployment",
+}
+OWNER_KINDS = {**RUN_KINDS, "AdapterDeployment": "adapterdeployments"}
 
 
 def snapshot(body: Any) -> dict[str, Any]:
@@ -103,6 +113,8 @@ class Caches:
     owners: dict[str, Any]
     jobs: Any
     pods: Any
+    serving_children: dict[str, Any] = field(default_factory=dict)
+    serving_pods: Any = None
 
     def owner(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         """The cached body of a kubetune resource, or None."""
@@ -112,6 +124,30 @@ class Caches:
         for body in index.get((namespace, name), []):
             return dict(body)
         return None
+
+    def namespace_owners(self, kind: str, namespace: str) -> list[dict[str, Any]]:
+        """The cached bodies of one kind in a namespace."""
+        index = self.owners.get(kind) or {}
+        return [
+            dict(body)
+            for (ns, _), store in list(index.items())
+            if ns == namespace
+            for body in list(store)
+        ]
+
+    def serving_children_of(self, namespace: str, uid: str) -> dict[str, dict[str, Any]]:
+        """An AdapterDeployment's Deployment, ConfigMap and Service views, keyed by kind."""
+        out: dict[str, dict[str, Any]] = {}
+        for index in self.serving_children.values():
+            for view in index.get((namespace, uid), []):
+                out[str(view["kind"])] = dict(view)
+        return out
+
+    def serving_pods_of(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        """The pod views of an AdapterDeployment's serving pods."""
+        if self.serving_pods is None:
+            return []
+        return [dict(v) for v in self.serving_pods.get((namespace, name), [])]
 
     def jobs_of(self, namespace: str, uid: str) -> tuple[JobView, ...]:
         """The Jobs controlled by the resource with ``uid``."""
@@ -140,6 +176,12 @@ class Controller:
     resync_task: asyncio.Task[None] | None = None
     http_port: int | None = None
     progress_key: bytes | None = None
+    serving: ServingReconciler | None = None
+    serving_task: asyncio.Task[None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.serving is None:
+            self.serving = ServingReconciler(self)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -275,10 +317,14 @@ class Controller:
         )
 
     async def reconcile(self, body: dict[str, Any], caches: Caches, trigger: str) -> None:
-        """The reconcile of one FineTuneJob or EvalJob (idempotent; writes only on change)."""
+        """The reconcile of one resource (idempotent; writes only on change)."""
         kind = body["kind"]
         meta = body["metadata"]
         if meta.get("deletionTimestamp"):
+            return
+        if kind == "AdapterDeployment":
+            assert self.serving is not None  # noqa: S101 - set in __post_init__
+            await self.serving.reconcile(body, caches, trigger)
             return
         queued = time.monotonic()
         async with self.lock(meta["uid"]):
@@ -368,14 +414,16 @@ class Controller:
             raise
         self.metrics.writes.labels("patch").inc()
         self.statuses[uid] = dict(stored.get("status") or status)
+        if body["kind"] not in RUN_KINDS:
+            return
         summary = find(self.statuses[uid].get("conditions"), "Succeeded")
         self.metrics.jobs.states[uid] = (body["kind"], summary["status"] if summary else "Unknown")
-        if (
-            body["kind"] == "FineTuneJob"
-            and is_finished(self.statuses[uid])
-            and not is_finished(old)
-        ):
-            self._wake_dependents(meta["namespace"], meta["name"])
+        if is_finished(self.statuses[uid]) and not is_finished(old):
+            if body["kind"] == "FineTuneJob":
+                self._wake_dependents(meta["namespace"], meta["name"])
+            if self.caches is not None and self.serving is not None:
+                # AdapterDeployments may serve this job's adapter, or wait for this evaluation.
+                self.serving.wake(self.caches, meta["namespace"])
 
     def _wake_dependents(self, namespace: str, name: str) -> None:
         """Reconcile EvalJobs waiting on this FineTuneJob now rather than at the next resync."""
@@ -450,8 +498,10 @@ class Controller:
         def owner_index(body: kopf.Body, namespace: str | None, name: str | None, **_: Any) -> Any:
             return {(namespace, name): snapshot(body)}
 
-        for plural in RUN_KINDS.values():
+        for plural in OWNER_KINDS.values():
             kopf.index(GROUP, VERSION, plural, id=f"{plural}_index", registry=registry)(owner_index)
+        assert self.serving is not None  # noqa: S101 - set in __post_init__
+        self.serving.register(registry)
 
         @kopf.index("batch", "v1", "jobs", labels=MANAGED, id="jobs_index", registry=registry)
         def jobs_index(body: kopf.Body, namespace: str | None, **_: Any) -> Any:
@@ -480,12 +530,13 @@ class Controller:
 
         def caches(kwargs: dict[str, Any]) -> Caches:
             found = Caches(
-                owners={
-                    "FineTuneJob": kwargs["finetunejobs_index"],
-                    "EvalJob": kwargs["evaljobs_index"],
-                },
+                owners={kind: kwargs[f"{plural}_index"] for kind, plural in OWNER_KINDS.items()},
                 jobs=kwargs["jobs_index"],
                 pods=kwargs["pods_index"],
+                serving_children={
+                    plural: kwargs[f"serving_{plural}_index"] for _, _, plural in CHILD_RESOURCES
+                },
+                serving_pods=kwargs["serving_pods_index"],
             )
             self.caches = found
             return found
@@ -497,7 +548,7 @@ class Controller:
             trigger = {None: "resume", "ADDED": "create"}.get(type, "update")
             await self.reconcile(snapshot(body), caches(kwargs), trigger)
 
-        for plural in RUN_KINDS.values():
+        for plural in OWNER_KINDS.values():
             kopf.on.event(GROUP, VERSION, plural, id=f"{plural}-changed", registry=registry)(
                 owner_changed
             )
@@ -524,6 +575,18 @@ class Controller:
         kopf.on.event("v1", "pods", labels=MANAGED, id="pods-changed", registry=registry)(
             child_changed
         )
+        for group, version, plural in CHILD_RESOURCES:
+            resource = (group, version, plural) if group else (version, plural)
+            kopf.on.event(
+                *resource, labels=SERVING_LABELS, id=f"serving-{plural}-changed", registry=registry
+            )(child_changed)
+
+        self._register_lifecycle(registry, caches)
+
+    def _register_lifecycle(
+        self, registry: kopf.OperatorRegistry, caches: Callable[[dict[str, Any]], Caches]
+    ) -> None:
+        """Start-up (progress key, resync loops) and clean-up handlers."""
 
         @kopf.on.startup(registry=registry)
         async def load_progress_key(**_: Any) -> None:
@@ -534,11 +597,18 @@ class Controller:
         async def start_resync(**kwargs: Any) -> None:
             caches(kwargs)  # the indexes exist (empty) already; kopf fills them in place
             self.resync_task = asyncio.create_task(self.resync_forever(), name="kubetune-resync")
+            if self.serving is not None:
+                self.serving_task = asyncio.create_task(
+                    self.serving.resync_forever(), name="kubetune-serving-resync"
+                )
 
         @kopf.on.cleanup(registry=registry)
         async def closing(**_: Any) -> None:
-            if self.resync_task is not None:
-                self.resync_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self.resync_task
+            for task in (self.resync_task, self.serving_task):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            if self.serving is not None:
+                await self.serving.close()
             self.close()

@@ -78,6 +78,8 @@ def _plural(kind: str) -> str:
         return CORE[kind]
     if kind == "Job":
         return "jobs"
+    if kind == "Deployment":
+        return "deployments"
     raise ValueError(f"unknown kind {kind}")
 
 
@@ -162,6 +164,18 @@ class Kube:
             raise
         return True
 
+    def replace(self, obj: dict[str, Any]) -> None:
+        """Replace ``obj`` (PUT, unconditional: no resourceVersion) with what was rendered.
+
+        Fields the API server defaults (and allocates: a Service's clusterIP and node ports)
+        are filled in again by it; the operator owns these children entirely.
+        """
+        meta = obj["metadata"]
+        path = collection_path(obj["apiVersion"], _plural(obj["kind"]), meta.get("namespace"))
+        self.request(
+            "PUT", f"{path}/{meta['name']}", query={"fieldManager": self.field_manager}, body=obj
+        )
+
     def ensure_progress_secret(
         self,
         namespace: str,
@@ -226,6 +240,16 @@ class Kube:
         """The batch Job, or None when it does not exist."""
         try:
             return self.request("GET", f"{collection_path('batch/v1', 'jobs', namespace)}/{name}")
+        except KubeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def get_resource(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """One of our resources as stored now (not a cache), or None when it is gone."""
+        path = f"{collection_path(API_VERSION, PLURALS[kind], namespace)}/{name}"
+        try:
+            return self.request("GET", path)
         except KubeError as exc:
             if exc.status == 404:
                 return None

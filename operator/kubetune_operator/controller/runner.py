@@ -48,6 +48,10 @@ def configure(kopf_settings: kopf.OperatorSettings, settings: ControllerSettings
     managed = "app.kubernetes.io/managed-by=kubetune-operator"
     kopf_settings.watching.label_selectors["batch", "v1", "jobs"] = managed
     kopf_settings.watching.label_selectors["v1", "pods"] = managed
+    serving = f"{managed},app.kubernetes.io/component=serving"
+    kopf_settings.watching.label_selectors["apps", "v1", "deployments"] = serving
+    kopf_settings.watching.label_selectors["v1", "configmaps"] = serving
+    kopf_settings.watching.label_selectors["v1", "services"] = serving
     kopf_settings.execution.max_workers = settings.workers
     kopf_settings.networking.request_timeout = 60
 

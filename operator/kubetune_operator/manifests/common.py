@@ -29,6 +29,19 @@ class OperatorSettings(BaseModel):
         default=120, description="Time between SIGTERM and SIGKILL: one step plus a checkpoint."
     )
     master_port: int = Field(default=29500, description="torchrun rendezvous port.")
+    vllm_image: str = Field(
+        default="vllm/vllm-openai:v0.11.0",
+        description="vLLM's OpenAI-compatible server image (AdapterDeployment engine vllm).",
+    )
+    lorax_image: str = Field(
+        default="ghcr.io/predibase/lorax:0.12.1",
+        description="LoRAX launcher image (AdapterDeployment engine lorax).",
+    )
+    gateway_image: str = Field(
+        default="nginxinc/nginx-unprivileged:1.27.5-alpine",
+        description="nginx in front of vLLM: forwards inference routes only, never the "
+        "adapter load/unload API.",
+    )
 
 
 def child_name(owner: str, suffix: str, *, max_length: int = MAX_NAME) -> str:

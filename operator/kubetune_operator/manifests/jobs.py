@@ -65,7 +65,12 @@ def _secret_refs(spec: Any) -> list[SecretKeyRef]:
     return [found[k] for k in sorted(found)]
 
 
-def _env(spec: Any, storage: StorageSpec | None, extra: Any = None) -> list[dict[str, Any]]:
+def env_for(spec: Any, storage: StorageSpec | None, extra: Any = None) -> list[dict[str, Any]]:
+    """Environment of a kubetune container (workdir, caches, S3 keys, referenced Secrets).
+
+    Every Secret key the spec references becomes one variable set with
+    ``valueFrom.secretKeyRef``: values never appear in the spec.
+    """
     env: list[dict[str, Any]] = [
         {"name": "KUBETUNE_WORKDIR", "value": WORKDIR},
         {"name": "HOME", "value": WORKDIR},
@@ -101,7 +106,8 @@ def _env(spec: Any, storage: StorageSpec | None, extra: Any = None) -> list[dict
     return env
 
 
-def _resources(resources: ResourcesSpec | None) -> dict[str, Any]:
+def resources_for(resources: ResourcesSpec | None) -> dict[str, Any]:
+    """Container resources: requests, and limits equal to requests for memory and GPUs."""
     if resources is None:
         return {}
     requests: dict[str, str] = {}
@@ -156,9 +162,10 @@ def _volumes(
     return volumes, mounts
 
 
-def _scheduling(
+def scheduling_for(
     scheduling: SchedulingSpec | None, resources: ResourcesSpec | None
 ) -> dict[str, Any]:
+    """Pod fields for node selection (GPU product), tolerations and priority."""
     pod: dict[str, Any] = {}
     selector = dict(scheduling.node_selector or {}) if scheduling else {}
     if resources and resources.gpu and resources.gpu.product:
@@ -232,7 +239,7 @@ def build_run_objects(
             {"name": "progress", "secret": {"secretName": progress_secret, "defaultMode": 0o400}}
         )
         mounts.append({"name": "progress", "mountPath": PROGRESS_DIR, "readOnly": True})
-    env = _env(spec, spec.storage, resolved)
+    env = env_for(spec, spec.storage, resolved)
     if nodes > 1:
         env += [
             {"name": "MASTER_ADDR", "value": f"{run_name}-0.{service}.{namespace}.svc"},
@@ -250,7 +257,7 @@ def build_run_objects(
         "terminationMessagePath": "/dev/termination-log",
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    resources = _resources(spec.resources)
+    resources = resources_for(spec.resources)
     if resources:
         container["resources"] = resources
     if nodes > 1:
@@ -263,7 +270,7 @@ def build_run_objects(
         "securityContext": restricted_pod_security(),
         "terminationGracePeriodSeconds": settings.termination_grace_period_seconds,
         "enableServiceLinks": False,
-        **_scheduling(spec.scheduling, spec.resources),
+        **scheduling_for(spec.scheduling, spec.resources),
     }
     if credentials is not None and credentials.service_account_name:
         pod_spec["serviceAccountName"] = credentials.service_account_name
