@@ -80,6 +80,7 @@ log = logging.getLogger("kubetune.agent")
 DEFAULT_CONFIG_PATH: Final = Path("/etc/kubetune/serving/config.json")
 EXIT_FAILED: Final = 1
 REFRESH_MAX_AGE: Final = 1.0  # seconds: /status and /readyz observe the engine at most this stale
+REFRESH_MAX_WAIT: Final = 2.0  # seconds a /status or /readyz request waits for that observation
 EXIT_USAGE: Final = 2
 _HEX_DIGITS: Final = 64
 
@@ -526,17 +527,18 @@ class Agent:
         """Make the next status or readiness answer rest on a fresh engine observation.
 
         When the last observation started more than ``max_age`` seconds ago, wake the loop
-        and wait (at most the request timeout) for an observation that started after this
-        call. An engine restart between two resyncs loses every adapter: without this, the
-        pod would be Ready again as soon as the engine answers ``/health`` and the operator
-        would report adapters that are gone.
+        and wait (at most :data:`REFRESH_MAX_WAIT` seconds, so the operator's and the
+        kubelet's requests are answered in time even when the engine hangs) for an
+        observation that started after this call. An engine restart between two resyncs
+        loses every adapter: without this, the pod would be Ready again as soon as the
+        engine answers ``/health`` and the operator would report adapters that are gone.
         """
         if self._loop_done or self._stopping:
             return
         requested = self._clock()
         if self._observed_at is not None and requested - self._observed_at <= max_age:
             return
-        deadline = requested + self._config.reconcile.request_timeout_seconds
+        deadline = requested + min(REFRESH_MAX_WAIT, self._config.reconcile.request_timeout_seconds)
         self._wake.set()
         while self._observed_at is None or self._observed_at < requested:
             remaining = deadline - self._clock()
