@@ -17,7 +17,8 @@ Measured in one run:
     listener to the first successful ``POST /v1/completions`` for that adapter (1 token):
     storage -> servable. Loads run one after another; p50/p99 over all of them.
 ``memory``
-    RSS (``/proc/self/status`` VmRSS) of the whole process after the base model served a few
+    RSS (``/proc/self/status`` VmRSS, after ``gc.collect()`` and ``malloc_trim(0)``) of the
+    whole process after the base model served a few
     requests, and again after all adapters are attached and served; also the parameter bytes
     of the adapters against the base model's.
 ``throughput``
@@ -38,7 +39,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ctypes
 import dataclasses
+import gc
 import json
 import os
 import platform
@@ -94,6 +98,14 @@ def _rows(count: int) -> list[dict[str, str]]:
 
 
 def _rss_mb() -> float:
+    """VmRSS in MB after a garbage collection and glibc's ``malloc_trim(0)``.
+
+    Both readings get the same treatment: heap pages freed but not yet returned to the OS
+    (which differ by tens of MB from run to run) do not count for either.
+    """
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024

@@ -126,7 +126,8 @@ def test_children_status_and_in_place_adapter_changes(api: KubeApi, op: Operator
 
     def rolled() -> bool:
         live = api.get(DEPLOYMENTS, NS, m.deployment_name("chat")) or {}
-        return "4" in live["spec"]["template"]["spec"]["containers"][0]["args"]
+        args = live["spec"]["template"]["spec"]["containers"][0]["args"]
+        return bool(args[args.index("--max-batch-size") + 1] == "4")
 
     wait_for(rolled, TIMEOUT, "the Deployment to take the new batch size")
 

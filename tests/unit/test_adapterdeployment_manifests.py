@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -142,11 +143,11 @@ def test_hub_models_are_downloaded_by_vllm_other_sources_by_the_init_container()
     hub = build(deployment({"type": "vllm"}, baseModel={"uri": "hf://Qwen/Qwen2.5-0.5B@abc123"}))
     assert "fetch-model" not in containers(hub)
     args = containers(hub)["engine"]["args"]
-    assert args[:4] == ["--model", "Qwen/Qwen2.5-0.5B", "--revision", "abc123"]
+    assert args[:3] == ["Qwen/Qwen2.5-0.5B", "--revision", "abc123"]  # positional model
     assert args[args.index("--served-model-name") + 1] == "Qwen/Qwen2.5-0.5B"
     s3 = build(deployment({"type": "vllm"}))
     assert containers(s3)["fetch-model"]["args"][-1] == m.BASE_MODEL_DIR
-    assert containers(s3)["engine"]["args"][:2] == ["--model", m.BASE_MODEL_DIR]
+    assert containers(s3)["engine"]["args"][0] == m.BASE_MODEL_DIR
     # The builtin engine always reads a local folder.
     builtin = build(deployment(baseModel={"uri": "hf://Qwen/Qwen2.5-0.5B"}))
     assert "fetch-model" in containers(builtin)
@@ -279,3 +280,94 @@ def test_names_are_dns_safe_and_the_endpoint_names_the_service() -> None:
     assert json.loads(
         by_kind(build(model), "Deployment")["metadata"]["annotations"][m.CAPACITY]
     ) == {"max_cpu_loras": 32, "max_lora_rank": 16, "max_loras": 4}
+
+
+@pytest.mark.parametrize(
+    "example", ["adapterdeployment-three-adapters.yaml", "adapterdeployment-builtin-cpu.yaml"]
+)
+def test_the_examples_render_to_valid_objects(example: str) -> None:
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    doc = yaml.safe_load((root / "examples" / example).read_text())
+    doc["metadata"]["uid"] = "uid-1"
+    model = parse_manifest(doc)
+    assert isinstance(model, AdapterDeployment)
+    adapters = [
+        m.ServedAdapter(a.name, a.source.uri or "s3://adapters/x", a.source.digest or DIGEST_A)
+        for a in model.spec.adapters or []
+    ]
+    objects = m.build(model, OperatorSettings(), adapters, m.derive_capacity(model))
+    for obj in objects:
+        kubernetes_validate.validate(copy.deepcopy(obj), K8S_VERSION, strict=True)
+    ServingConfig.model_validate_json(by_kind(objects, "ConfigMap")["data"]["config.json"])
+
+
+@pytest.mark.parametrize("engine", ["builtin", "vllm", "lorax"])
+def test_probes_reach_what_they_check(engine: str) -> None:
+    """The kubelet sends httpGet probes to the pod IP: never to a port bound to 127.0.0.1."""
+    objects = build(deployment({"type": engine}))
+    reachable = {"http", "agent-status"}  # bound to 0.0.0.0 (the agent's by its config)
+    probes = 0
+    for c in containers(objects).values():
+        for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+            probe = c.get(kind)
+            if probe is None:
+                continue
+            probes += 1
+            if "httpGet" in probe:
+                assert probe["httpGet"]["port"] in reachable, (c["name"], kind)
+            else:  # vLLM on 127.0.0.1: checked from inside its container
+                assert engine == "vllm"
+                assert c["name"] == "engine"
+                assert f"127.0.0.1:{m.ENGINE_LOCAL_PORT}/health" in probe["exec"]["command"][-1]
+    assert probes >= 4
+    config = ServingConfig.model_validate_json(by_kind(objects, "ConfigMap")["data"]["config.json"])
+    assert config.status_bind_address == "0.0.0.0"  # noqa: S104 - what the kubelet probes
+    assert config.status_port == m.AGENT_STATUS_PORT
+
+
+@pytest.mark.parametrize("engine", ["builtin", "vllm", "lorax"])
+def test_storage_credentials_reach_only_the_containers_that_download(engine: str) -> None:
+    model = deployment(
+        {"type": engine},
+        storage={"credentials": {"secretRef": {"name": "s3-keys"}}},
+        baseModel={"uri": "s3://models/tiny-base", "tokenSecretRef": {"name": "hf", "key": "t"}},
+    )
+    by_name = containers(build(model))
+
+    def secrets(container: Obj) -> set[str]:
+        return {
+            e["valueFrom"]["secretKeyRef"]["name"]
+            for e in container.get("env", [])
+            if "valueFrom" in e
+        }
+
+    assert secrets(by_name["agent"]) >= {"s3-keys"}
+    assert secrets(by_name["fetch-model"]) >= {"s3-keys"}
+    assert secrets(by_name["engine"]) == {"hf"}  # the Hub token only
+    assert "gateway" not in by_name or secrets(by_name["gateway"]) == set()
+
+
+def test_a_base_model_on_a_claim_is_mounted_read_only() -> None:
+    objects = build(deployment(baseModel={"uri": "pvc://models-pvc/tiny-base"}))
+    pod = by_kind(objects, "Deployment")["spec"]["template"]["spec"]
+    assert {
+        "name": "base-model",
+        "persistentVolumeClaim": {"claimName": "models-pvc", "readOnly": True},
+    } in pod["volumes"]
+    for name in ("fetch-model", "engine"):
+        assert {
+            "name": "base-model",
+            "mountPath": "/mnt/pvc/models-pvc",
+            "readOnly": True,
+        } in containers(objects)[name]["volumeMounts"]
+
+
+def test_a_given_cpu_slot_count_caps_the_derived_batch_slots() -> None:
+    adapters = [
+        {"name": f"a{i}", "source": {"uri": f"s3://adapters/a{i}", "digest": DIGEST_A}}
+        for i in range(12)
+    ]
+    capacity = m.derive_capacity(deployment(adapters=adapters, capacity={"maxCpuLoras": 2}))
+    assert (capacity.max_loras, capacity.max_cpu_loras) == (2, 2)

@@ -56,6 +56,13 @@ EVERYTHING: Obj = {
     "crds": {"templated": True},
     "image": {"digest": DIGEST},
     "runtimeImage": {"repository": "registry.example/kubetune-runtime", "tag": "0.2.0"},
+    "serving": {  # an air-gapped mirror
+        "vllmImage": {"repository": "registry.example/vllm", "digest": DIGEST},
+        "loraxImage": {"repository": "registry.example/lorax", "tag": "0.12.2"},
+        "gatewayImage": {"repository": "registry.example/nginx", "tag": "1.27.5"},
+        "resyncSeconds": 2.5,
+        "agentTimeoutSeconds": 1,
+    },
     "logLevel": "DEBUG",
     "resyncSeconds": 10,
     "imagePullGraceSeconds": 120,
@@ -267,6 +274,19 @@ def test_environment_configures_the_operator(rendered: list[Obj], case: str) -> 
     runtime = values.get("runtimeImage", {})
     repository = runtime.get("repository", "ghcr.io/kubetune/runtime")
     assert settings.children.runtime_image == f"{repository}:{runtime.get('tag', '0.1.0')}"
+    serving = values.get("serving", {})
+    for key, field, repository, tag in [
+        ("vllmImage", "vllm_image", "vllm/vllm-openai", "v0.11.0"),
+        ("loraxImage", "lorax_image", "ghcr.io/predibase/lorax", "0.12.1"),
+        ("gatewayImage", "gateway_image", "nginxinc/nginx-unprivileged", "1.27.5-alpine"),
+    ]:
+        image = serving.get(key, {})
+        expected = f"{image.get('repository', repository)}:{image.get('tag', tag)}"
+        if image.get("digest"):
+            expected += f"@{image['digest']}"
+        assert getattr(settings.children, field) == expected, key
+    assert settings.serving_resync_seconds == serving.get("resyncSeconds", 10)
+    assert settings.agent_timeout_seconds == serving.get("agentTimeoutSeconds", 5)
     assert env["KUBETUNE_LOG_LEVEL"] == values.get("logLevel", "INFO")
     assert settings.resync_seconds == values.get("resyncSeconds", 30)
     assert settings.image_pull_grace_seconds == values.get("imagePullGraceSeconds", 300)
@@ -281,6 +301,16 @@ def test_environment_configures_the_operator(rendered: list[Obj], case: str) -> 
     image = container(rendered)["image"]
     digest = values.get("image", {}).get("digest")
     assert image == "ghcr.io/kubetune/operator:0.1.0" + (f"@{digest}" if digest else "")
+
+
+def test_chart_defaults_are_the_operators_defaults(renders: dict[str, list[Obj]]) -> None:
+    """Installing the chart changes none of the operator's serving defaults."""
+    settings = ControllerSettings.from_env(env_of(renders["default"]))
+    defaults = ControllerSettings()
+    for field in ("vllm_image", "lorax_image", "gateway_image", "image_pull_policy"):
+        assert getattr(settings.children, field) == getattr(defaults.children, field), field
+    for field in ("serving_resync_seconds", "agent_timeout_seconds"):
+        assert getattr(settings, field) == getattr(defaults, field), field
 
 
 def test_progress_key_secret_name_can_be_set(helm: Helm) -> None:
@@ -538,6 +568,18 @@ def test_templated_crds_are_the_repositorys_plus_helm_metadata(helm: Helm, keep:
         pytest.param("logLevel=TRACE", "/logLevel", id="not-an-enum-value"),
         pytest.param("image.digest=latest", "/image/digest", id="bad-digest"),
         pytest.param("crds.templated=yes", "/crds/templated", id="string-for-boolean"),
+        pytest.param("serving.vllmImage.tag=", "/serving/vllmImage/tag", id="empty-serving-tag"),
+        pytest.param(
+            "serving.gatewayImage.pullPolicy=Always", "'pullPolicy'", id="serving-pull-policy"
+        ),
+        pytest.param(
+            "serving.loraxImage.digest=latest",
+            "/serving/loraxImage/digest",
+            id="bad-serving-digest",
+        ),
+        pytest.param(
+            "serving.agentTimeoutSeconds=0", "/serving/agentTimeoutSeconds", id="zero-timeout"
+        ),
         pytest.param(
             "metrics.serviceMonitor.interval=30",
             "/metrics/serviceMonitor/interval",

@@ -190,6 +190,15 @@ def test_a_promoted_digest_keeps_serving_while_its_successor_waits_for_evaluatio
     assert r.served() == m.ServedAdapter("math", "s3://adapters/old", D1, True)
     assert r.message is not None
     assert "serving sha256:111111111111 meanwhile" in r.message
+    # Still kept when the last reconcile saw it not Loaded everywhere (a new pod, a slow read).
+    for phase in ("Pending", "Loading", "Failed"):
+        moment = {"adapters": [{**old["adapters"][0], "phase": phase}]}
+        [r] = resolve_adapters(ad, lambda ns, n: None, passed, moment)
+        assert r.served() == m.ServedAdapter("math", "s3://adapters/old", D1, True), phase
+    # A digest that was only ever Blocked was never served: nothing to keep.
+    blocked = {"adapters": [{**old["adapters"][0], "phase": "Blocked"}]}
+    [r] = resolve_adapters(ad, lambda ns, n: None, passed, blocked)
+    assert r.blocked
     # Without an evaluated predecessor there is nothing to keep serving.
     [r] = resolve_adapters(ad, lambda ns, n: None, [], old)
     assert r.blocked
@@ -348,3 +357,34 @@ def test_an_invalid_spec_is_reported_without_losing_the_rest_of_the_status() -> 
     assert status["observedGeneration"] == 4
     assert cond(status, "Ready") == ("False", "InvalidSpec", "spec.engine.type: unknown")
     assert cond(status, "Degraded")[:2] == ("True", "InvalidSpec")
+
+
+def test_adapters_on_a_claim_are_blocked_and_ranks_are_known_before_the_job_ends() -> None:
+    ad = model([by_job("math", "train-math")])
+    job = ftj("True")
+    job["status"]["artifact"]["uri"] = "pvc://models/train-math/adapter"
+    [r] = resolve_adapters(ad, lambda ns, n: job, [], None)
+    assert r.blocked
+    assert r.message is not None
+    assert "PersistentVolumeClaim" in r.message
+    [r] = resolve_adapters(ad, lambda ns, n: ftj(None, r=64), [], None)
+    assert r.blocked
+    assert r.rank == 64  # capacity derived now fits the adapter the job will publish
+
+
+def test_an_isolated_failed_agent_read_is_ridden_out() -> None:
+    from types import SimpleNamespace
+
+    from kubetune_operator.controller.agents import AgentReading
+    from kubetune_operator.controller.serving_handlers import UNREACHABLE_AFTER, ServingReconciler
+
+    reconciler = ServingReconciler(SimpleNamespace(forget_hooks=[]))  # type: ignore[arg-type]
+    good = AgentReading({"adapters": []}, None)
+    slow = AgentReading(None, "GET /status timed out after 5s")
+    assert reconciler._smooth("u", {"p1": good}) == {"p1": good}
+    for _ in range(UNREACHABLE_AFTER - 1):
+        assert reconciler._smooth("u", {"p1": slow}) == {"p1": good}
+    assert reconciler._smooth("u", {"p1": slow}) == {"p1": slow}  # now it is unreachable
+    assert reconciler._smooth("u", {"p1": good}) == {"p1": good}
+    assert reconciler._smooth("u", {"p2": slow}) == {"p2": slow}  # no history: reported at once
+    assert "p1" not in reconciler.agent_memory["u"]  # gone pods are forgotten

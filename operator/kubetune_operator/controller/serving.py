@@ -144,23 +144,35 @@ def resolve_adapters(
         else:
             ref = spec.source.fine_tune_job_ref.name if spec.source.fine_tune_job_ref else "?"
             ftj = lookup(namespace, ref)
+            # The rank is known from the spec before the job finishes: capacity derived now
+            # must fit the adapter it will publish.
+            lora = (((ftj or {}).get("spec") or {}).get("lora") or {}).get("r")
+            rank = int(lora) if isinstance(lora, int) else None
             blocked = _ftj_block(namespace, ref, ftj)
             if blocked is not None:
-                out.append(Resolved(name, pinned, blocked=True, message=blocked))
+                out.append(Resolved(name, pinned, blocked=True, message=blocked, rank=rank))
                 continue
             assert ftj is not None  # noqa: S101 - _ftj_block returned None
             artifact = (ftj.get("status") or {}).get("artifact") or {}
             uri, digest = str(artifact["uri"]), str(artifact["digest"])
-            lora = ((ftj.get("spec") or {}).get("lora") or {}).get("r")
-            rank = int(lora) if isinstance(lora, int) else None
+        if uri.startswith("pvc://"):
+            message = (
+                f"{uri}: adapters on a PersistentVolumeClaim cannot be served (serving pods "
+                "mount no claim for adapters); publish the adapter to s3://"
+            )
+            out.append(Resolved(name, pinned, uri, digest, blocked=True, message=message))
+            continue
         if require_eval and digest not in promoted:
             waiting = (
                 f"{_short(digest)} awaits a passed EvalJob (spec.promotion.requirePassedEval): "
                 f"{_eval_note(digest, evaljobs)}"
             )
+            # What was served before (any phase but Blocked: a digest that is only waiting
+            # was never served) keeps serving while it is promoted, even if it is not Loaded
+            # everywhere at this moment (a new pod, a slow agent read).
             before = old.get(name) or {}
             if (
-                before.get("phase") == "Loaded"
+                before.get("phase") != "Blocked"
                 and before.get("digest") in promoted
                 and before.get("uri")
             ):

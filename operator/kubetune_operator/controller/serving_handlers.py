@@ -23,7 +23,7 @@ import kopf
 from kubetune_operator.api import GROUP
 from kubetune_operator.api.adapterdeployment import AdapterDeployment
 from kubetune_operator.controller import serving
-from kubetune_operator.controller.agents import AgentTarget, read_agents
+from kubetune_operator.controller.agents import AgentReading, AgentTarget, read_agents
 from kubetune_operator.controller.desired import _manifest
 from kubetune_operator.controller.serving import ChildView, DeploymentView, ServingPod
 from kubetune_operator.manifests import adapterdeployment as manifests
@@ -44,6 +44,7 @@ CHILD_RESOURCES: Final = (
     ("", "v1", "configmaps"),
     ("", "v1", "services"),
 )
+UNREACHABLE_AFTER: Final = 3  # failed reads in a row before an agent counts as unreachable
 # Container waiting reasons that are normal on the way up, not failures.
 STARTING: Final = frozenset({"ContainerCreating", "PodInitializing"})
 
@@ -149,11 +150,14 @@ class ServingReconciler:
         self.controller = controller
         self.session: aiohttp.ClientSession | None = None
         self.parsed: dict[str, tuple[Any, AdapterDeployment | ManifestInvalid]] = {}
+        # Per AdapterDeployment uid: pod name -> (last good reading, failed reads since).
+        self.agent_memory: dict[str, dict[str, tuple[AgentReading | None, int]]] = {}
         controller.forget_hooks.append(self.forget)
 
     def forget(self, uid: str) -> None:
         """Drop what is remembered of a deleted AdapterDeployment."""
         self.parsed.pop(uid, None)
+        self.agent_memory.pop(uid, None)
 
     def model(self, body: dict[str, Any]) -> AdapterDeployment | ManifestInvalid:
         """Parsed once per (uid, generation)."""
@@ -239,7 +243,7 @@ class ServingReconciler:
             manifests.TEMPLATE_HASH
         ]
         views = [p for p in caches.serving_pods_of(namespace, name) if not p["deleting"]]
-        readings = await self._read_agents(views)
+        readings = self._smooth(uid, await self._read_agents(views))
         pods = [
             ServingPod(
                 name=str(p["name"]),
@@ -294,7 +298,29 @@ class ServingReconciler:
             return False
         return True
 
-    async def _read_agents(self, views: list[dict[str, Any]]) -> dict[str, Any]:
+    def _smooth(self, uid: str, readings: dict[str, AgentReading]) -> dict[str, AgentReading]:
+        """Ride out an isolated failed read of an agent with its previous answer.
+
+        One slow answer (a busy engine) must not flip Ready or Degraded: a pod's agent counts
+        as unreachable after :data:`UNREACHABLE_AFTER` failed reads in a row; until then its
+        last good status stands in.
+        """
+        memory = self.agent_memory.setdefault(uid, {})
+        for pod in [p for p in memory if p not in readings]:
+            del memory[pod]  # the pod is gone
+        out: dict[str, AgentReading] = {}
+        for pod, reading in readings.items():
+            last, failures = memory.get(pod, (None, 0))
+            if reading.status is not None:
+                memory[pod] = (reading, 0)
+                out[pod] = reading
+                continue
+            failures += 1
+            memory[pod] = (last, failures)
+            out[pod] = last if last is not None and failures < UNREACHABLE_AFTER else reading
+        return out
+
+    async def _read_agents(self, views: list[dict[str, Any]]) -> dict[str, AgentReading]:
         targets = [
             AgentTarget(str(v["name"]), str(v["ip"]), int(v["agentPort"]))
             for v in views

@@ -76,6 +76,7 @@ CACHE_DIR: Final = "/var/cache/kubetune"
 MODELS_DIR: Final = "/models"
 BASE_MODEL_DIR: Final = f"{MODELS_DIR}/base"
 WORKDIR: Final = "/workspace"
+PVC_ROOT: Final = "/mnt/pvc"  # the runtime's KUBETUNE_PVC_ROOT default
 INFERENCE_PORT: Final = 8000
 ENGINE_LOCAL_PORT: Final = 8001  # builtin admin listener / vLLM behind the gateway
 AGENT_STATUS_PORT: Final = 8090
@@ -188,11 +189,11 @@ def derive_capacity(
         if given and given.max_loras
         else min(MAX_DERIVED_SLOTS, max(MIN_SLOTS, _next_power_of_two(count)))
     )
-    max_cpu_loras = (
-        given.max_cpu_loras
-        if given and given.max_cpu_loras
-        else max(max_loras, MIN_CPU_SLOTS, _next_power_of_two(count))
-    )
+    if given and given.max_cpu_loras:
+        max_cpu_loras = given.max_cpu_loras
+        max_loras = min(max_loras, max_cpu_loras)  # vLLM requires max-cpu-loras >= max-loras
+    else:
+        max_cpu_loras = max(max_loras, MIN_CPU_SLOTS, _next_power_of_two(count))
     return Capacity(max_loras, max_cpu_loras, max_lora_rank)
 
 
@@ -345,13 +346,45 @@ http {{
 """
 
 
-def _probe(path: str, port: str, *, period: int = 5, failures: int = 3) -> dict[str, Any]:
+def _probe(
+    path: str, port: str, *, period: int = 5, failures: int = 3, timeout: int = 2
+) -> dict[str, Any]:
     return {
         "httpGet": {"path": path, "port": port},
         "periodSeconds": period,
-        "timeoutSeconds": 2,
+        "timeoutSeconds": timeout,
         "failureThreshold": failures,
     }
+
+
+def _exec_probe(*, period: int = 5, failures: int = 3) -> dict[str, Any]:
+    """GET /health of an engine bound to 127.0.0.1, from inside its container (python3)."""
+    url = f"http://127.0.0.1:{ENGINE_LOCAL_PORT}/health"
+    return {
+        "exec": {
+            "command": [
+                "python3",
+                "-c",
+                f"import urllib.request; urllib.request.urlopen({url!r}, timeout=4)",
+            ]
+        },
+        "periodSeconds": period,
+        "timeoutSeconds": 5,
+        "failureThreshold": failures,
+    }
+
+
+def _pvc_claim(uri: str) -> str | None:
+    """The claim of a ``pvc://claim/path`` URI."""
+    return uri.removeprefix("pvc://").split("/", 1)[0] if uri.startswith("pvc://") else None
+
+
+def _pvc_mounts(deployment: AdapterDeployment) -> list[dict[str, Any]]:
+    """A base model on a PersistentVolumeClaim, read-only at /mnt/pvc/<claim>."""
+    claim = _pvc_claim(deployment.spec.base_model.uri)
+    if claim is None:
+        return []
+    return [{"name": "base-model", "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": True}]
 
 
 def _engine_containers(
@@ -373,10 +406,13 @@ def _engine_containers(
     gpus = spec.resources.gpu.count if spec.resources and spec.resources.gpu else 0
     if gpus or (spec.resources and spec.resources.shared_memory):
         mounts.append({"name": "shm", "mountPath": "/dev/shm"})  # noqa: S108 - private emptyDir
-    env = env_for(spec, spec.storage)
+    # No storage credentials: the engines never read object storage (the agent and the
+    # init container do); only the Hub token, for engines that download the base model.
+    env = env_for(spec.base_model, None)
     token = spec.base_model.token_secret_ref
     if token is not None:
         env.append({"name": "HF_TOKEN", "value": f"$({secret_env_name(token)})"})
+    mounts += _pvc_mounts(deployment)
     container: dict[str, Any] = {
         "name": "engine",
         "imagePullPolicy": settings.image_pull_policy,
@@ -389,8 +425,7 @@ def _engine_containers(
     startup = _probe("/health", "http", period=5, failures=360)
     if isinstance(engine, VLLMEngine):
         args = [
-            "--model",
-            model_arg,
+            model_arg,  # positional: `vllm serve --model` is deprecated (an error in 0.8-0.9)
             *(["--revision", hub_revision] if hub_revision and model_arg == hub_repo else []),
             "--served-model-name",
             name,
@@ -423,10 +458,14 @@ def _engine_containers(
             *env,
             {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"},
             {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
+            # getpass.getuser() (torch inductor) fails for a uid without a passwd entry.
+            {"name": "USER", "value": "vllm"},
         ]
-        container["startupProbe"] = _probe("/health", "engine", period=5, failures=360)
-        container["livenessProbe"] = _probe("/health", "engine", period=10, failures=6)
-        container["readinessProbe"] = _probe("/health", "engine", period=5)
+        # vLLM listens on 127.0.0.1 only, which the kubelet's httpGet probes (sent to the pod
+        # IP) cannot reach: probe from inside the container instead.
+        container["startupProbe"] = _exec_probe(period=5, failures=360)
+        container["livenessProbe"] = _exec_probe(period=10, failures=6)
+        container["readinessProbe"] = _exec_probe(period=5)
         gateway = {
             "name": "gateway",
             "image": settings.gateway_image,
@@ -457,6 +496,11 @@ def _engine_containers(
             "--adapter-source",
             "local",
             *(engine.extra_args or []),
+        ]
+        # LoRAX's image points the Hub cache at /data; the root filesystem is read-only.
+        container["env"] = [
+            *env,
+            {"name": "HUGGINGFACE_HUB_CACHE", "value": f"{WORKDIR}/.cache/huggingface/hub"},
         ]
         container.update(
             image=engine.image or settings.lorax_image,
@@ -523,7 +567,9 @@ def _agent_container(deployment: AdapterDeployment, settings: OperatorSettings) 
         ],
         "securityContext": restricted_container_security(),
         "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
-        "readinessProbe": _probe("/readyz", "agent-status", period=2, failures=1),
+        # /readyz observes the engine afresh (waiting at most a second): a 3 s timeout and
+        # two failures keep one slow engine answer from taking every pod out at once.
+        "readinessProbe": _probe("/readyz", "agent-status", period=2, failures=2, timeout=3),
         "livenessProbe": _probe("/healthz", "agent-status", period=10, failures=6),
     }
 
@@ -554,6 +600,7 @@ def _fetch_container(deployment: AdapterDeployment, settings: OperatorSettings) 
             {"name": "workspace", "mountPath": WORKDIR},
             {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - a private emptyDir
             *_ca_mounts(deployment),
+            *_pvc_mounts(deployment),
         ],
         "securityContext": restricted_container_security(),
     }
@@ -573,6 +620,11 @@ def _volumes(deployment: AdapterDeployment) -> list[dict[str, Any]]:
     if gpus or (resources and resources.shared_memory):
         size = (resources.shared_memory if resources else None) or "1Gi"
         volumes.append({"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": size}})
+    claim = _pvc_claim(spec.base_model.uri)
+    if claim is not None:
+        volumes.append(
+            {"name": "base-model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        )
     if spec.storage is not None and spec.storage.ca_bundle is not None:
         volumes.append(
             {

@@ -80,7 +80,7 @@ log = logging.getLogger("kubetune.agent")
 DEFAULT_CONFIG_PATH: Final = Path("/etc/kubetune/serving/config.json")
 EXIT_FAILED: Final = 1
 REFRESH_MAX_AGE: Final = 1.0  # seconds: /status and /readyz observe the engine at most this stale
-REFRESH_MAX_WAIT: Final = 2.0  # seconds a /status or /readyz request waits for that observation
+REFRESH_MAX_WAIT: Final = 1.0  # seconds a /status or /readyz request waits for that observation
 EXIT_USAGE: Final = 2
 _HEX_DIGITS: Final = 64
 
@@ -548,8 +548,18 @@ class Agent:
                 await asyncio.wait_for(self._observed.wait(), timeout=remaining)
 
     def _pinned_loaded(self) -> tuple[set[str], set[str]]:
-        """(pinned adapter names, those Loaded)."""
-        pinned = {a.name for a in self._config.adapters if a.pinned}
+        """(pinned adapter names that can gate readiness, those Loaded).
+
+        A Failed pinned adapter does not gate: it will not load by waiting, and holding every
+        new or restarted pod back for it would stop the other adapters being served (a node
+        drain would lose the replica for good). It is reported in /status, and the
+        AdapterDeployment is Degraded naming it.
+        """
+        pinned = {
+            a.name
+            for a in self._config.adapters
+            if a.pinned and not (a.name in self._states and self._states[a.name].phase == "Failed")
+        }
         loaded = {n for n in pinned if n in self._states and self._states[n].phase == "Loaded"}
         return pinned, loaded
 
