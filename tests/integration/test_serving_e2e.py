@@ -205,21 +205,29 @@ def test_adapters_serve_hot_swap_and_fail_precisely(cluster: Cluster) -> None:
     [pod] = cluster.kubelet.pods(NS)
     pod_name, pod_uid = pod["metadata"]["name"], pod["metadata"]["uid"]
 
-    # Hot add: "d" (A's weights under a new name) and "bad": C's files pinned by A's digest.
+    # Hot add: "d" (A's weights under a new name) and "bad", pinned: C's files under A's
+    # digest, so verification fails.
     spec_adapters = [
         cluster.entry("a"),
         cluster.entry("b"),
         cluster.entry("c", pinned=False),
         {"name": "d", "source": {"uri": "s3://adapters/a", "digest": cluster.digests["a"]}},
-        cluster.entry("bad", digest=cluster.digests["a"]) | {"pinned": False},
+        cluster.entry("bad", digest=cluster.digests["a"]),
     ]
     spec_adapters[-1]["source"]["uri"] = "s3://adapters/c"
     api.patch(ADS, NS, "chat", {"spec": {"adapters": spec_adapters}})
     ad = wait_condition(api, ADS, NS, "chat", "Degraded", "True", "AdaptersFailed", TIMEOUT)
     message = condition(ad, "Degraded")["message"]  # type: ignore[index]
     assert message.startswith(f"bad: {pod_name}: "), message
-    assert "digest" in message.lower() or "manifest" in message.lower(), message
+    assert "ArtifactInvalid" in message, message
     assert cluster.adapters()["bad"]["phase"] == "Failed"
+    # A pinned adapter that failed keeps Ready False and names it, but does not take the pod
+    # out of the Service: the others keep serving.
+    ready = condition(ad, "Ready")
+    assert ready is not None
+    assert (ready["status"], ready["reason"]) == ("False", "PinnedAdaptersNotLoaded")
+    assert "bad (Failed)" in ready["message"]
+    assert cluster.kubelet.endpoints(NS, m.selector("chat"))
     wait_for(lambda: cluster.adapters()["d"]["phase"] == "Loaded", TIMEOUT, "d loaded")
     assert cluster.complete("d").json()["choices"][0]["text"] == cluster.reference_text["a", 0]
     for model in ("a", "b", "c"):  # the others keep serving

@@ -371,3 +371,13 @@ def test_a_given_cpu_slot_count_caps_the_derived_batch_slots() -> None:
     ]
     capacity = m.derive_capacity(deployment(adapters=adapters, capacity={"maxCpuLoras": 2}))
     assert (capacity.max_loras, capacity.max_cpu_loras) == (2, 2)
+
+
+def test_base_model_aliases_reach_the_agent_and_the_engine() -> None:
+    model = deployment(baseModelAliases=["hf://org/tiny@abc", "s3://mirror/tiny"])
+    objects = build(model)
+    config = ServingConfig.model_validate_json(by_kind(objects, "ConfigMap")["data"]["config.json"])
+    assert config.base_model.aliases == ["hf://org/tiny@abc", "s3://mirror/tiny"]
+    args = containers(objects)["engine"]["args"]
+    named = [args[i + 1] for i, a in enumerate(args) if a == "--base-model-uri"]
+    assert named == ["s3://models/tiny-base", "hf://org/tiny@abc", "s3://mirror/tiny"]

@@ -22,6 +22,7 @@ from kubetune_operator.api.common import (
     DNSLabel,
     ImageRef,
     LocalObjectReference,
+    ModelURI,
     ObjectMeta,
     ResourcesSpec,
     SchedulingSpec,
@@ -194,6 +195,15 @@ class AdapterDeploymentSpec(ApiModel):
     )
 
     base_model: BaseModelSpec = Field(description="The base model every adapter was trained on.")
+    base_model_aliases: list[ModelURI] | None = Field(
+        default=None,
+        max_length=16,
+        description=(
+            "Other URIs of the same base weights that adapters may name as their base model "
+            "(e.g. the hf:// original of an s3:// mirror): an adapter trained on one of them is "
+            "compatible. Changing the list restarts the pods."
+        ),
+    )
     engine: Engine = Field(description="Serving engine: vllm, lorax or builtin.")
     replicas: int = Field(default=1, ge=0, le=128, description="Serving pods. Default: 1.")
     adapters: list[AdapterSpec] | None = Field(

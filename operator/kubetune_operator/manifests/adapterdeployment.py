@@ -284,7 +284,12 @@ def serving_config(
     storage: StorageConfig = storage_config(spec.storage)
     return ServingConfig(
         engine=engine_config,
-        base_model=BaseModelRef(uri=uri, revision=revision, name=served_model_name(uri)),
+        base_model=BaseModelRef(
+            uri=uri,
+            revision=revision,
+            name=served_model_name(uri),
+            aliases=list(spec.base_model_aliases or []),
+        ),
         storage=storage,
         adapters=[
             AdapterEntry(name=a.name, uri=a.uri, digest=a.digest, pinned=a.pinned) for a in adapters
@@ -521,8 +526,11 @@ def _engine_containers(
             BASE_MODEL_DIR,
             "--served-model-name",
             name,
-            "--base-model-uri",
-            uri,
+            *(
+                arg
+                for alias in [uri, *(spec.base_model_aliases or [])]
+                for arg in ("--base-model-uri", alias)
+            ),
             "--host",
             "0.0.0.0",  # noqa: S104 - the inference port, behind the Service
             "--port",
