@@ -1290,3 +1290,20 @@ async def test_a_failed_pinned_adapter_does_not_keep_a_new_pod_out_of_service(
     await harness.wait_phases({"a": "Loaded", "bad": "Failed"})
     assert (await harness.get("/readyz")).json() == {"ready": True}
     assert "q_proj" in (await harness.adapter("bad"))["lastError"]
+
+
+@pytest.mark.asyncio
+async def test_a_pinned_adapter_out_of_attempts_on_transient_errors_still_gates(
+    harness: Harness, engine: tuple[FakeEngine, int]
+) -> None:
+    """Storage or the engine was briefly unavailable: serving without it would answer 404."""
+    fake, _ = engine
+    harness.reconcile_overrides = {"max_attempts": 2}
+    fake.fail_loads = 100  # 503 "engine busy" on every load
+    a = harness.publish("a")
+    await harness.start([entry(a, "a")])
+    await harness.wait_phases({"a": "Failed"})
+    assert "gave up after 2 attempts" in (await harness.adapter("a"))["lastError"]
+    ready = await harness.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["reason"] == "pinned adapters not loaded: a"

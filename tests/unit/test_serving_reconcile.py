@@ -388,3 +388,19 @@ def test_an_isolated_failed_agent_read_is_ridden_out() -> None:
     assert reconciler._smooth("u", {"p1": good}) == {"p1": good}
     assert reconciler._smooth("u", {"p2": slow}) == {"p2": slow}  # no history: reported at once
     assert "p1" not in reconciler.agent_memory["u"]  # gone pods are forgotten
+
+
+@pytest.mark.parametrize("promotion", [False, True])
+def test_a_rerun_of_the_fine_tune_job_keeps_the_served_adapter(promotion: bool) -> None:
+    """A new runId clears the job's artifact while it trains: the served digest stays."""
+    ad = model([by_job("math", "train-math")], promotion=promotion)
+    evaluated = [evaljob("eval-1", D1, "True")]
+    old = {"adapters": [{"name": "math", "phase": "Loaded", "uri": "s3://out/v1", "digest": D1}]}
+    for job in (ftj("Unknown"), ftj(None), ftj("False", reason="OOMKilled"), None):
+        [r] = resolve_adapters(ad, lambda ns, n, job=job: job, evaluated, old)
+        assert r.served() == m.ServedAdapter("math", "s3://out/v1", D1, True)
+        assert r.message is not None
+        assert r.message.startswith("serving sha256:111111111111 meanwhile; ")
+    # With the promotion rule, only while the served digest is still promoted.
+    [r] = resolve_adapters(ad, lambda ns, n: ftj("Unknown"), [], old)
+    assert r.blocked is promotion

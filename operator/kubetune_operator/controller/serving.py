@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Final
 
@@ -150,7 +150,21 @@ def resolve_adapters(
             rank = int(lora) if isinstance(lora, int) else None
             blocked = _ftj_block(namespace, ref, ftj)
             if blocked is not None:
-                out.append(Resolved(name, pinned, blocked=True, message=blocked, rank=rank))
+                # A rerun (new runId) clears the job's artifact while it trains: what was
+                # served keeps serving meanwhile.
+                kept = _kept(old.get(name), require_eval, promoted)
+                if kept is not None:
+                    out.append(
+                        replace(
+                            kept,
+                            name=name,
+                            pinned=pinned,
+                            message=f"serving {_short(str(kept.digest))} meanwhile; {blocked}",
+                            rank=rank,
+                        )
+                    )
+                else:
+                    out.append(Resolved(name, pinned, blocked=True, message=blocked, rank=rank))
                 continue
             assert ftj is not None  # noqa: S101 - _ftj_block returned None
             artifact = (ftj.get("status") or {}).get("artifact") or {}
@@ -167,22 +181,14 @@ def resolve_adapters(
                 f"{_short(digest)} awaits a passed EvalJob (spec.promotion.requirePassedEval): "
                 f"{_eval_note(digest, evaljobs)}"
             )
-            # What was served before (any phase but Blocked: a digest that is only waiting
-            # was never served) keeps serving while it is promoted, even if it is not Loaded
-            # everywhere at this moment (a new pod, a slow agent read).
-            before = old.get(name) or {}
-            if (
-                before.get("phase") != "Blocked"
-                and before.get("digest") in promoted
-                and before.get("uri")
-            ):
+            kept = _kept(old.get(name), require_eval, promoted)
+            if kept is not None:
                 out.append(
-                    Resolved(
-                        name,
-                        pinned,
-                        uri=str(before["uri"]),
-                        digest=str(before["digest"]),
-                        message=f"serving {_short(str(before['digest']))} meanwhile; {waiting}",
+                    replace(
+                        kept,
+                        name=name,
+                        pinned=pinned,
+                        message=f"serving {_short(str(kept.digest))} meanwhile; {waiting}",
                         rank=rank,
                     )
                 )
@@ -193,6 +199,23 @@ def resolve_adapters(
             continue
         out.append(Resolved(name, pinned, uri, digest, rank=rank))
     return out
+
+
+def _kept(
+    before: Mapping[str, Any] | None, require_eval: bool, promoted: set[str]
+) -> Resolved | None:
+    """What was served before, if it may keep serving while its successor is not servable.
+
+    Served means any phase but Blocked (a digest that was only ever waiting was never
+    served), whatever the phase at this moment (a new pod still loading it, a slow agent
+    read); with the promotion rule it must still be promoted.
+    """
+    if not before or before.get("phase") == "Blocked":
+        return None
+    uri, digest = before.get("uri"), before.get("digest")
+    if not uri or not digest or (require_eval and digest not in promoted):
+        return None
+    return Resolved(str(before.get("name")), True, uri=str(uri), digest=str(digest))
 
 
 def _ftj_block(namespace: str, ref: str, ftj: Mapping[str, Any] | None) -> str | None:

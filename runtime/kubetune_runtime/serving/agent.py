@@ -550,15 +550,22 @@ class Agent:
     def _pinned_loaded(self) -> tuple[set[str], set[str]]:
         """(pinned adapter names that can gate readiness, those Loaded).
 
-        A Failed pinned adapter does not gate: it will not load by waiting, and holding every
-        new or restarted pod back for it would stop the other adapters being served (a node
-        drain would lose the replica for good). It is reported in /status, and the
-        AdapterDeployment is Degraded naming it.
+        A pinned adapter that failed *permanently* (digest mismatch, incompatible, refused by
+        the engine) does not gate: it will not load by waiting, and holding every new or
+        restarted pod back for it would stop the other adapters being served (a node drain
+        would lose the replica for good). It is reported in /status, and the
+        AdapterDeployment is Degraded naming it. One that ran out of attempts on transient
+        errors (storage unreachable) still gates: serving without it would answer 404 for it.
         """
         pinned = {
             a.name
             for a in self._config.adapters
-            if a.pinned and not (a.name in self._states and self._states[a.name].phase == "Failed")
+            if a.pinned
+            and not (
+                a.name in self._states
+                and self._states[a.name].phase == "Failed"
+                and self._states[a.name].permanent
+            )
         }
         loaded = {n for n in pinned if n in self._states and self._states[n].phase == "Loaded"}
         return pinned, loaded
@@ -579,8 +586,9 @@ class Agent:
         """Whether the pod should receive requests (``GET /readyz``).
 
         Until the pod has first been Ready (since the engine came up): when the engine
-        answers and every pinned adapter is Loaded, so a new or restarted pod never gets a
-        request for an adapter it does not have yet.
+        answers and every pinned adapter is Loaded (or failed permanently, see
+        :meth:`_pinned_loaded`), so a new or restarted pod never gets a request for an
+        adapter it does not have yet.
 
         After that, a pinned adapter *added* to the config does not take the pod out of
         the Service while it loads (every replica loads it at the same time: gating on it

@@ -68,6 +68,8 @@ class AdapterState:
         attempts: consecutive transient failures of the current step.
         next_attempt_at: monotonic time before which no step starts (backoff).
         failed_at: monotonic time it became Failed.
+        permanent: the last Failed was permanent (waiting cannot fix it: digest mismatch,
+            incompatible, refused by the engine), not a transient error out of attempts.
         failed_rules: the ``rules`` key in force when it became Failed.
         prepared_path: the verified local copy, once prepared.
         loaded_at: monotonic time this agent saw or made it Loaded.
@@ -89,6 +91,7 @@ class AdapterState:
     attempts: int = 0
     next_attempt_at: float = 0.0
     failed_at: float | None = None
+    permanent: bool = False
     failed_rules: str | None = None
     prepared_path: str | None = None
     loaded_at: float | None = None
@@ -362,6 +365,7 @@ def on_failure(
             last_error=error + suffix,
             attempts=attempts,
             failed_at=now,
+            permanent=permanent,
             failed_rules=rules,
             step_started_at=None,
             loaded_at=None,
