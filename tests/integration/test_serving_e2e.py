@@ -308,3 +308,68 @@ def test_rank_limits_and_an_engine_crash(cluster: Cluster) -> None:
     )
     wait_condition(api, ADS, NS, "chat", "Ready", "True", timeout=TIMEOUT)
     assert cluster.complete("a").json()["choices"][0]["text"] == cluster.reference_text["a", 0]
+
+
+def test_an_engine_change_rolls_out_without_a_moment_unserved(cluster: Cluster) -> None:
+    """An engine setting changes the pod template: a new pod comes up beside the old one,
+    takes traffic only once its pinned adapter is loaded, and the old one goes after."""
+    api = cluster.api
+    api.create(ADS, manifest([cluster.entry("a")]))
+    wait_condition(api, ADS, NS, "chat", "Ready", "True", timeout=TIMEOUT)
+    [old] = cluster.kubelet.pods(NS)
+
+    stop = threading.Event()
+    served: list[str] = []
+    failures: list[str] = []
+
+    def client() -> None:
+        while not stop.is_set():
+            ips = cluster.kubelet.endpoints(NS, m.selector("chat"))
+            if not ips:
+                failures.append("no ready endpoint")
+            for ip in ips[:1]:
+                try:
+                    response = httpx.post(
+                        f"http://{ip}:{m.INFERENCE_PORT}/v1/completions",
+                        json={
+                            "model": "a",
+                            "prompt": PROMPTS[0],
+                            "max_tokens": MAX_TOKENS,
+                            "temperature": 0.0,
+                        },
+                        timeout=30,
+                    )
+                except httpx.ConnectError:
+                    continue  # an endpoint list read just before the old pod went away
+                if response.status_code == 200:
+                    served.append(response.json()["choices"][0]["text"])
+                else:
+                    failures.append(f"{ip}: {response.status_code} {response.text[:200]}")
+            stop.wait(0.2)
+
+    thread = threading.Thread(target=client, daemon=True)
+    thread.start()
+    try:
+        engine = {"type": "builtin", "maxBatchDelayMilliseconds": 5, "maxBatchSize": 4}
+        api.patch(ADS, NS, "chat", {"spec": {"engine": engine}})
+        wait_for(
+            lambda: (
+                len(cluster.kubelet.records) == 2
+                and [p["metadata"]["name"] for p in cluster.kubelet.pods(NS)]
+                == [cluster.kubelet.records[1].name]
+            ),
+            TIMEOUT,
+            "the new pod serving alone",
+        )
+        ad = wait_condition(api, ADS, NS, "chat", "Progressing", "False", "Complete", TIMEOUT)
+    finally:
+        stop.set()
+        thread.join(60)
+    assert condition(ad, "Ready")["status"] == "True"  # type: ignore[index]
+    assert failures == []
+    assert len(served) >= 5, served  # requests kept flowing through the whole rollout
+    assert set(served) == {cluster.reference_text["a", 0]}
+    new = cluster.kubelet.records[1]
+    assert new.name != old["metadata"]["name"]
+    args = cluster.kubelet.pods(NS)[0]["spec"]["containers"][0]["args"]
+    assert args[args.index("--max-batch-size") + 1] == "4"

@@ -381,3 +381,18 @@ def test_base_model_aliases_reach_the_agent_and_the_engine() -> None:
     args = containers(objects)["engine"]["args"]
     named = [args[i + 1] for i, a in enumerate(args) if a == "--base-model-uri"]
     assert named == ["s3://models/tiny-base", "hf://org/tiny@abc", "s3://mirror/tiny"]
+
+
+@pytest.mark.parametrize("engine", ["builtin", "vllm", "lorax"])
+def test_inference_containers_drain_before_stopping(engine: str) -> None:
+    objects = build(deployment({"type": engine}))
+    serving_port = [
+        c
+        for c in containers(objects).values()
+        if any(p["name"] == "http" for p in c.get("ports", []))
+    ]
+    assert len(serving_port) == 1
+    for c in [*serving_port, containers(objects)["engine"]]:
+        assert c["lifecycle"] == {"preStop": {"sleep": {"seconds": 5}}}
+    pod = by_kind(objects, "Deployment")["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] > 5

@@ -98,6 +98,10 @@ GATEWAY_ROUTES: Final = (
     "/metrics",
 )
 
+# Keep answering for a few seconds after deletion while Services stop routing to the pod
+# (endpoint removal and SIGTERM race); the sleep action needs no binary in the image.
+DRAIN: Final = {"preStop": {"sleep": {"seconds": 5}}}
+
 DEFAULT_RANK: Final = 16  # vLLM's --max-lora-rank default
 MIN_SLOTS: Final = 4
 MAX_DERIVED_SLOTS: Final = 16
@@ -424,6 +428,7 @@ def _engine_containers(
         "env": env,
         "volumeMounts": mounts,
         "securityContext": restricted_container_security(),
+        "lifecycle": DRAIN,
         **({"resources": resources_for(spec.resources)} if spec.resources else {}),
     }
     # Model loading takes minutes: liveness waits for the first successful startup probe.
@@ -482,6 +487,7 @@ def _engine_containers(
                 {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - a private emptyDir
             ],
             "securityContext": restricted_container_security(),
+            "lifecycle": DRAIN,
             "resources": {
                 "requests": {"cpu": "50m", "memory": "32Mi"},
                 "limits": {"memory": "128Mi"},
