@@ -31,7 +31,8 @@ Capacity (``--max-loras``, ``--max-cpu-loras``, ``--max-lora-rank``) comes from
 ``spec.capacity`` or is derived (:func:`derive_capacity`); a derived value is *kept* while the
 engine settings stay the same (the caller passes the capacity it rendered last), because
 re-deriving it from a changed adapter list would restart the pods. An adapter beyond the kept
-capacity fails in the agent's compatibility check with a message naming ``spec.capacity``.
+capacity fails in the agent's compatibility check (rank above ``max_lora_rank``) before any
+load call; raising ``spec.capacity`` (a rollout) fixes it.
 """
 
 from __future__ import annotations
