@@ -10,7 +10,7 @@
 --
 --   Ready        True AllPinnedAdaptersLoaded; False ScaledToZero, NoReadyReplicas,
 --                PinnedAdaptersBlocked, PinnedAdaptersNotLoaded, InvalidSpec
---   Progressing  True RollingOut, LoadingAdapters; False Complete, InvalidSpec
+--   Progressing  True RollingOut, WaitingForPods, LoadingAdapters; False Complete, InvalidSpec
 --   Degraded     True AdaptersFailed, RolloutStuck, PodsFailing, AgentUnreachable,
 --                InvalidSpec; False AsExpected
 --

@@ -29,6 +29,7 @@ from tests.integration.operator_support import (
 from tests.support.kube_api import KubeApi
 from tests.support.kubelet import Behaviour, Kubelet, Succeed
 from tests.support.manifests import small_finetunejob
+from tests.support.serving_kubelet import FakeAgent, ServingKubelet
 
 pytestmark = pytest.mark.integration
 
@@ -247,3 +248,62 @@ def test_a_deleted_adapterdeployment_does_not_get_its_children_back(
     )
     time.sleep(1.5)  # three serving resyncs
     assert [c for r, c in children if api.get(r, NS, c) is not None] == []
+
+
+def test_replicas_agents_and_an_operator_restart(api: KubeApi, op: OperatorThread) -> None:
+    """Three replicas report through their agents; one failing adapter on one pod degrades
+    the deployment naming pod and adapter; restarting the operator writes nothing and
+    restarts no pod (an operator upgrade never rolls the serving pods)."""
+    broken: set[str] = set()
+
+    def status_fn(pod: Obj) -> Obj:
+        config_map = api.get(CONFIGMAPS, NS, m.config_map_name("chat")) or {"data": {}}
+        text = config_map["data"].get(m.SERVING_CONFIG_KEY, "{}")
+        adapters = json.loads(text).get("adapters", [])
+        name = pod["metadata"]["name"]
+        return {
+            "engineReady": True,
+            "ready": True,
+            "configDigest": m.config_digest(text),
+            "adapters": [
+                {
+                    "name": a["name"],
+                    "digest": a["digest"],
+                    "pinned": a["pinned"],
+                    "phase": "Failed" if (name, a["name"]) in broken else "Loaded",
+                    "lastError": "EngineRejected: no such target module"
+                    if (name, a["name"]) in broken
+                    else None,
+                    "loadSeconds": 0.25,
+                }
+                for a in adapters
+            ],
+        }
+
+    with ServingKubelet(api, FakeAgent(status_fn), namespace=NS) as kubelet:
+        api.create(
+            ADS, manifest(replicas=3, adapters=[adapter("math"), adapter("code", D2, pinned=False)])
+        )
+        ad = wait_condition(api, ADS, NS, "chat", "Ready", "True", timeout=TIMEOUT)
+        assert ad["status"]["readyReplicas"] == 3
+        assert [(a["name"], a["readyReplicas"]) for a in ad["status"]["adapters"]] == [
+            ("math", 3),
+            ("code", 3),
+        ]
+        pods = sorted(p["metadata"]["name"] for p in kubelet.pods(NS))
+        broken.add((pods[1], "code"))
+        ad = wait_condition(api, ADS, NS, "chat", "Degraded", "True", "AdaptersFailed", TIMEOUT)
+        assert condition(ad, "Degraded")["message"] == (  # type: ignore[index]
+            f"code: {pods[1]}: EngineRejected: no such target module"
+        )
+        assert condition(ad, "Ready")["status"] == "True"  # type: ignore[index] # code is unpinned
+
+        time.sleep(1.5)  # settle
+        api.reset_counts()
+        op.stop()
+        op.start()
+        time.sleep(2.0)  # four serving resyncs after the restart
+        assert api.writes == 0, api.counts
+        assert sorted(p["metadata"]["name"] for p in kubelet.pods(NS)) == pods
+        assert len(kubelet.records) == 3
+        assert kubelet.errors == []

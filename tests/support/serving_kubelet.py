@@ -1485,6 +1485,8 @@ class ServingKubelet:
             return code, "Completed" if code == 0 else "Error"
         if c.kill_requested:
             return 137, "Error"
+        if c.init and not c.sidecar:  # a fake pod's init container (fetch-model) succeeds
+            return 0, "Completed"
         if isinstance(behaviour, CrashLoop) and not c.init:
             crashing = not behaviour.containers or c.name in behaviour.containers
             if crashing and now - c.started_at >= behaviour.after:

@@ -530,7 +530,7 @@ AD_REASONS = {
         "PinnedAdaptersNotLoaded",
         "InvalidSpec",
     },
-    "Progressing": {"RollingOut", "LoadingAdapters", "Complete", "InvalidSpec"},
+    "Progressing": {"RollingOut", "WaitingForPods", "LoadingAdapters", "Complete", "InvalidSpec"},
     "Degraded": {
         "AdaptersFailed",
         "RolloutStuck",
@@ -714,6 +714,14 @@ def ad_samples() -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
             ),
         ),
         "created": (doc, ad_reconcile(doc, [], None)),
+        "starting": (
+            doc,
+            ad_reconcile(
+                doc,
+                serving_pods(doc, ready=False),
+                DeploymentView(generation=1, observed_generation=1, replicas=2, updated_replicas=2),
+            ),
+        ),
         "rolling-out": (
             doc,
             ad_reconcile(
@@ -775,6 +783,10 @@ AD_EXPECTED: dict[str, tuple[str, str]] = {
         "Progressing",
         "NoReadyReplicas: 0/2 serving pods are ready; "
         "RollingOut: 0/2 pods run the current engine settings",
+    ),
+    "starting": (
+        "Progressing",
+        "NoReadyReplicas: 0/2 serving pods are ready; WaitingForPods: 0/2 serving pods are ready",
     ),
     "rolling-out": (
         "Progressing",

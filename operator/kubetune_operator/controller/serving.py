@@ -469,8 +469,9 @@ def serving_status(
       (on every Ready pod: any of them may get a request). Reasons ``AllPinnedAdaptersLoaded``,
       ``ScaledToZero``, ``NoReadyReplicas``, ``PinnedAdaptersBlocked``,
       ``PinnedAdaptersNotLoaded``.
-    * ``Progressing``: True while the Deployment rolls out (``RollingOut``) or adapters are
-      being loaded (``LoadingAdapters``); else False ``Complete``.
+    * ``Progressing``: True while the Deployment rolls out (``RollingOut``), fewer pods are
+      Ready than ``spec.replicas`` (``WaitingForPods``: starting, or failing, which Degraded
+      says) or adapters are being loaded (``LoadingAdapters``); else False ``Complete``.
     * ``Degraded``: True with ``AdaptersFailed`` (names each failed adapter and why: the
       others keep serving), ``RolloutStuck`` (progress deadline exceeded), ``PodsFailing``
       (containers in CrashLoopBackOff, image pull errors...) or ``AgentUnreachable``; else
@@ -549,6 +550,13 @@ def serving_status(
             "RollingOut",
             f"{deployment.updated_replicas if deployment else 0}/{replicas} pods run the "
             "current engine settings",
+        )
+    elif 0 < len(ready_pods) < replicas or (replicas > 0 and not ready_pods):
+        progressing = Desired(
+            "Progressing",
+            "True",
+            "WaitingForPods",
+            f"{len(ready_pods)}/{replicas} serving pods are ready{_pod_summary(pods)}",
         )
     elif loading and ready_pods:
         progressing = Desired(
