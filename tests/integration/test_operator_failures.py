@@ -274,7 +274,10 @@ def test_image_pull_backoff_is_reported_then_fails_after_the_grace_period(
     assert running["status"] == "False"
     # The operator stops the run (Kubernetes would retry the pull for ever): Job and config go.
     wait_for(lambda: not jobs_of(api, NS, "pull"), TIMEOUT, "the Job to be deleted")
-    assert api.get(CONFIGMAPS, NS, "pull-train") is None
+    # delete_run deletes the Job, then its ConfigMap: the second DELETE may still be on its way.
+    wait_for(
+        lambda: api.get(CONFIGMAPS, NS, "pull-train") is None, TIMEOUT, "the ConfigMap deleted"
+    )
     wait_for(lambda: not api.list(PODS, NS), TIMEOUT, "the pods to be gone")
     wait_event(api, "pull", "Warning", "ImagePullBackOff")
     wait_event(api, "pull", "Warning", "ImagePullFailed")
