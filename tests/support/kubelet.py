@@ -91,16 +91,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TypeVar
 
 import kmock
 
 from kubetune_operator.localrun import _local_path, container_environment
+from tests.support.stepping import SteppingHarness
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +120,6 @@ TERMINATION_MESSAGE_BYTES = 4096  # kubelet's limit for one container's message 
 LOG_FALLBACK_LINES = 80  # FallbackToLogsOnError: the last 80 lines ...
 LOG_FALLBACK_BYTES = 2048  # ... and at most 2 KiB of them
 NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # k8s utilrand, as in generateName suffixes
-HISTORY = 2000  # lines of history kept
-MAX_ERRORS = 100  # errors kept (a stopped API would otherwise add one every step)
 
 
 def rfc3339(moment: datetime.datetime | None = None) -> str:
@@ -304,6 +301,30 @@ def _format_indexes(indexes: set[int]) -> str:
     return ",".join(parts)
 
 
+def pod_condition(
+    transitions: dict[str, tuple[str, str]],
+    kind: str,
+    status: bool,
+    reason: str | None = None,
+    message: str | None = None,
+) -> Obj:
+    """A pod condition; ``lastTransitionTime`` moves only when its status changes.
+
+    ``transitions`` (condition type -> (status, time)) is the pod's memory of them.
+    """
+    value = "True" if status else "False"
+    previous = transitions.get(kind)
+    if previous is None or previous[0] != value:
+        previous = transitions[kind] = (value, rfc3339())
+    cond: Obj = {"type": kind, "status": value, "lastProbeTime": None}
+    cond["lastTransitionTime"] = previous[1]
+    if reason:
+        cond["reason"] = reason
+    if message:
+        cond["message"] = message
+    return cond
+
+
 def _status_patch(current: Obj, desired: Obj) -> Obj | None:
     """A merge patch turning status ``current`` into ``desired`` (None when equal)."""
     if current == desired:
@@ -466,7 +487,7 @@ class _JobState:
 
 
 # ------------------------------------------------------------------------------- harness
-class Kubelet:
+class Kubelet(SteppingHarness):
     """Moves batch/v1 Jobs and their Pods through their lifecycle in a ``KubeApi`` emulator.
 
     Args:
@@ -480,6 +501,9 @@ class Kubelet:
             delays and deadlines deterministic with ``tick()``.
         node_name: the node every scheduled pod lands on.
     """
+
+    thread_name = "kubelet-harness"
+    wait_history = 15
 
     def __init__(
         self,
@@ -499,41 +523,20 @@ class Kubelet:
             self._choose = lambda job, pod, attempt: fixed
         else:
             self._choose = behaviour
-        self.interval = interval
+        self._init_stepping(interval, clock)
         self.namespace = namespace
         self.job_selector = job_selector
         self.node_name = node_name
-        self._clock = clock or time.monotonic
-        self._lock = threading.RLock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._paused_at: float | None = None
-        self._paused_total = 0.0
         self._pods: dict[str, _PodState] = {}
         self._jobs: dict[str, _JobState] = {}
         self._attempts: dict[tuple[str, int | None], int] = {}
         self._records: list[PodRecord] = []
         self._reaping: list[_Process] = []
-        self._history: deque[str] = deque(maxlen=HISTORY)
-        self._errors: list[str] = []
-        self.ticks = 0
 
     # ------------------------------------------------------------------------ driving
-    def start(self) -> Kubelet:
-        """Tick in a background thread every ``interval`` seconds until :meth:`stop`."""
-        if self._thread is not None:
-            raise RuntimeError("Kubelet is already running")
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="kubelet-harness", daemon=True)
-        self._thread.start()
-        return self
-
     def stop(self) -> None:
         """Stop ticking, then kill every process a ``RunCommand`` pod started (pods stay)."""
-        thread, self._thread = self._thread, None
-        self._stop.set()
-        if thread is not None:
-            thread.join(timeout=30)
+        self._stop_thread()
         with self._lock:
             processes = [
                 s.process for s in self._pods.values() if s.process and s.process.started
@@ -546,91 +549,6 @@ class Kubelet:
         for proc in processes:
             if not proc.join(timeout=10):
                 self._error(f"a RunCommand process did not end: {proc.command}")
-
-    def __enter__(self) -> Kubelet:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    @property
-    def running(self) -> bool:
-        """Whether the background thread is ticking."""
-        return self._thread is not None and self._thread.is_alive()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            if self.paused:
-                continue
-            try:
-                self.tick()
-            except Exception as exc:  # the thread must survive anything
-                log.exception("kubelet harness step failed")
-                self._error(f"step failed: {exc!r}")
-
-    def pause(self) -> None:
-        """Freeze: the background thread stops stepping and the harness clock stands still.
-
-        ``tick()`` still steps when called explicitly (with the clock frozen). A RunCommand
-        process keeps running, but its end is only reported after :meth:`resume`.
-        """
-        with self._lock:
-            if self._paused_at is None:
-                self._paused_at = self._clock()
-                self._note("paused")
-
-    def resume(self) -> None:
-        """Undo :meth:`pause`; time spent paused does not count towards any delay or deadline."""
-        with self._lock:
-            if self._paused_at is not None:
-                self._paused_total += self._clock() - self._paused_at
-                self._paused_at = None
-                self._note("resumed")
-
-    @property
-    def paused(self) -> bool:
-        """Whether the harness is paused."""
-        return self._paused_at is not None
-
-    def now(self) -> float:
-        """The harness clock: ``clock()`` minus the time spent paused."""
-        base = self._paused_at if self._paused_at is not None else self._clock()
-        return base - self._paused_total
-
-    def wait_for(
-        self,
-        predicate: Callable[[], T | None],
-        timeout: float = 10.0,
-        *,
-        interval: float = 0.02,
-        message: str = "",
-    ) -> T:
-        """Poll ``predicate`` until it returns something truthy, and return that.
-
-        Without the background thread, each poll first runs one :meth:`tick`.
-
-        Raises:
-            TimeoutError: after ``timeout`` seconds, with the harness's latest actions.
-        """
-        deadline = time.monotonic() + timeout
-        while True:
-            if not self.running:
-                self.tick()
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() >= deadline:
-                recent = "\n  ".join(self.history[-15:])
-                raise TimeoutError(
-                    f"{message or 'condition'} not reached within {timeout} s; errors: "
-                    f"{self.errors or 'none'}; latest harness actions:\n  {recent}"
-                )
-            time.sleep(interval)
 
     # ------------------------------------------------------------------------ records
     @property
@@ -646,18 +564,6 @@ class Kubelet:
             for r in self.records
             if r.job == job and (namespace is None or r.namespace == namespace)
         ]
-
-    @property
-    def history(self) -> list[str]:
-        """What the harness did, one line per action (the latest ones)."""
-        with self._lock:
-            return list(self._history)
-
-    @property
-    def errors(self) -> list[str]:
-        """Unexpected failures inside steps (API "not found"/"conflict" races are not errors)."""
-        with self._lock:
-            return list(self._errors)
 
     def pods(self, namespace: str, job: str) -> list[Obj]:
         """The Job's pods as the API has them now, oldest first."""
@@ -675,16 +581,6 @@ class Kubelet:
                 if (state.namespace, state.name) == (namespace, pod) and state.root is not None:
                     return state.root / "container.log"
         return None
-
-    def _note(self, line: str) -> None:
-        self._history.append(f"{self.now():.2f} {line}")
-        log.debug("%s", line)
-
-    def _error(self, line: str) -> None:
-        with self._lock:
-            if len(self._errors) < MAX_ERRORS:
-                self._errors.append(line)
-            self._note(f"ERROR {line}")
 
     # ------------------------------------------------------------------------ one step
     def tick(self) -> None:
@@ -722,24 +618,6 @@ class Kubelet:
         self._forget_pod(pod["metadata"]["uid"], "garbage-collected (its Job is gone)")
         with contextlib.suppress(kmock.KubernetesError):
             self.api.delete(PODS, pod["metadata"]["namespace"], pod["metadata"]["name"])
-
-    def _guard(self, what: str, fn: Callable[..., T], *args: Any) -> T | None:
-        try:
-            return fn(*args)
-        except kmock.KubernetesError as exc:
-            if exc.status in (404, 409):  # deleted or changed under us: next step sees it
-                self._note(f"{what}: {exc.status} {exc.reason} (retrying next step)")
-            else:
-                self._error(f"{what}: {exc!r}")
-        except Exception as exc:  # keep stepping; see errors
-            log.exception("kubelet harness: %s failed", what)
-            self._error(f"{what}: {exc!r}")
-        return None
-
-    @staticmethod
-    def _id(obj: Obj) -> str:
-        meta = obj.get("metadata") or {}
-        return f"{meta.get('namespace')}/{meta.get('name')}"
 
     # ------------------------------------------------------------------------ kubelet
     def _kubelet_step(self, job: Obj, pod: Obj) -> Obj:
@@ -844,38 +722,18 @@ class Kubelet:
         phase = "Succeeded" if exit_code == 0 else "Failed"
         self._note(f"pod {state.namespace}/{state.name} {phase} (exit {exit_code} {reason})")
 
-    def _cond(
-        self,
-        state: _PodState,
-        kind: str,
-        status: bool,
-        reason: str | None = None,
-        message: str | None = None,
-    ) -> Obj:
-        value = "True" if status else "False"
-        previous = state.transitions.get(kind)
-        if previous is None or previous[0] != value:
-            previous = state.transitions[kind] = (value, rfc3339())
-        cond: Obj = {"type": kind, "status": value, "lastProbeTime": None}
-        cond["lastTransitionTime"] = previous[1]
-        if reason:
-            cond["reason"] = reason
-        if message:
-            cond["message"] = message
-        return cond
-
     def _render(self, state: _PodState) -> Obj:
         """The pod's full status for its current stage, as the kubelet reports it."""
         if state.stage == "unschedulable":
             assert isinstance(state.behaviour, Unschedulable)
-            cond = self._cond(
-                state, "PodScheduled", False, "Unschedulable", state.behaviour.message
+            cond = pod_condition(
+                state.transitions, "PodScheduled", False, "Unschedulable", state.behaviour.message
             )
             return {"phase": "Pending", "conditions": [cond], "qosClass": "Burstable"}
         if state.stage == "scheduled":
             return {
                 "phase": "Pending",
-                "conditions": [self._cond(state, "PodScheduled", True)],
+                "conditions": [pod_condition(state.transitions, "PodScheduled", True)],
                 "qosClass": "Burstable",
             }
         base: Obj = {
@@ -902,11 +760,15 @@ class Kubelet:
                 waiting["message"] = message
             container["state"] = {"waiting": waiting}
             conditions = [
-                self._cond(state, "PodReadyToStartContainers", reason != "ContainerCreating"),
-                self._cond(state, "Initialized", True),
-                self._cond(state, "Ready", False, "ContainersNotReady", unready),
-                self._cond(state, "ContainersReady", False, "ContainersNotReady", unready),
-                self._cond(state, "PodScheduled", True),
+                pod_condition(
+                    state.transitions, "PodReadyToStartContainers", reason != "ContainerCreating"
+                ),
+                pod_condition(state.transitions, "Initialized", True),
+                pod_condition(state.transitions, "Ready", False, "ContainersNotReady", unready),
+                pod_condition(
+                    state.transitions, "ContainersReady", False, "ContainersNotReady", unready
+                ),
+                pod_condition(state.transitions, "PodScheduled", True),
             ]
             return {
                 "phase": "Pending",
@@ -923,11 +785,11 @@ class Kubelet:
                 state={"running": {"startedAt": state.running_wall}},
             )
             conditions = [
-                self._cond(state, "PodReadyToStartContainers", True),
-                self._cond(state, "Initialized", True),
-                self._cond(state, "Ready", True),
-                self._cond(state, "ContainersReady", True),
-                self._cond(state, "PodScheduled", True),
+                pod_condition(state.transitions, "PodReadyToStartContainers", True),
+                pod_condition(state.transitions, "Initialized", True),
+                pod_condition(state.transitions, "Ready", True),
+                pod_condition(state.transitions, "ContainersReady", True),
+                pod_condition(state.transitions, "PodScheduled", True),
             ]
             return {
                 "phase": "Running",
@@ -941,18 +803,23 @@ class Kubelet:
         phase = "Succeeded" if terminated.get("exitCode") == 0 else "Failed"
         done = "PodCompleted" if phase == "Succeeded" else "PodFailed"
         conditions = [
-            self._cond(state, "PodReadyToStartContainers", False),
-            self._cond(
-                state, "Initialized", True, "PodCompleted" if phase == "Succeeded" else None
+            pod_condition(state.transitions, "PodReadyToStartContainers", False),
+            pod_condition(
+                state.transitions,
+                "Initialized",
+                True,
+                "PodCompleted" if phase == "Succeeded" else None,
             ),
-            self._cond(state, "Ready", False, done),
-            self._cond(state, "ContainersReady", False, done),
-            self._cond(state, "PodScheduled", True),
+            pod_condition(state.transitions, "Ready", False, done),
+            pod_condition(state.transitions, "ContainersReady", False, done),
+            pod_condition(state.transitions, "PodScheduled", True),
         ]
         status: Obj = {"phase": phase, "conditions": conditions, **base}
         if state.disruption is not None:
             reason, message = state.disruption
-            conditions.append(self._cond(state, "DisruptionTarget", True, reason, message))
+            conditions.append(
+                pod_condition(state.transitions, "DisruptionTarget", True, reason, message)
+            )
             if reason == "TerminationByKubelet":
                 status.update(reason="Evicted", message=message)
         status["containerStatuses"] = [container]

@@ -124,11 +124,9 @@ import socket
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TypeVar
 
 import kmock
@@ -146,8 +144,10 @@ from tests.support.kubelet import (
     _random_name,
     _status_patch,
     field_value,
+    pod_condition,
     rfc3339,
 )
+from tests.support.stepping import SteppingHarness
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +164,6 @@ AGENT_PORT_NAME = "agent-status"
 AGENT_DEFAULT_PORT = 8090
 HOST_IP = "127.0.0.1"  # the "node": this machine
 POD_IP_ENV = "SERVING_KUBELET_POD_IP"  # read by the sitecustomize bind shim
-HISTORY = 2000
-MAX_ERRORS = 100
 PROBE_TIMEOUT_CAP = 2.0
 _ip_lock = threading.Lock()
 _next_ip = 2  # 127.0.0.2 first (127.0.0.1 is the host's)
@@ -521,7 +519,7 @@ def _probe_once(
 
 
 # ------------------------------------------------------------------------------- harness
-class ServingKubelet:
+class ServingKubelet(SteppingHarness):
     """Moves apps/v1 Deployments, their ReplicaSets and Pods through their lifecycle.
 
     Args:
@@ -537,6 +535,9 @@ class ServingKubelet:
         probe_period: the longest time between two runs of one probe (``periodSeconds`` when
             shorter).
     """
+
+    thread_name = "serving-kubelet"
+    wait_history = 20
 
     def __init__(
         self,
@@ -558,18 +559,12 @@ class ServingKubelet:
             self._choose = lambda deployment, pod, ordinal: fixed
         else:
             self._choose = behaviour
-        self.interval = interval
+        self._init_stepping(interval, clock)
         self.namespace = namespace
         self.node_name = node_name
         self.backoff = backoff
         self.backoff_max = backoff_max
         self.probe_period = probe_period
-        self._clock = clock or time.monotonic
-        self._lock = threading.RLock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._paused_at: float | None = None
-        self._paused_total = 0.0
         self._pods: dict[str, _PodState] = {}
         self._deployments: dict[str, _DeploymentState] = {}
         self._ordinals: dict[str, int] = {}
@@ -577,30 +572,15 @@ class ServingKubelet:
         self._restarts: dict[tuple[str, str, str], int] = {}
         self._ips: dict[tuple[str, str], str] = {}
         self._reaping: list[_Process] = []
-        self._history: deque[str] = deque(maxlen=HISTORY)
-        self._errors: list[str] = []
         self._prober = concurrent.futures.ThreadPoolExecutor(
             max_workers=16, thread_name_prefix="serving-kubelet-probe"
         )
         self._cache: dict[tuple[str, str, str], Obj | None] = {}
-        self.ticks = 0
 
     # ------------------------------------------------------------------------ driving
-    def start(self) -> ServingKubelet:
-        """Tick in a background thread every ``interval`` seconds until :meth:`stop`."""
-        if self._thread is not None:
-            raise RuntimeError("ServingKubelet is already running")
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="serving-kubelet", daemon=True)
-        self._thread.start()
-        return self
-
     def stop(self) -> None:
         """Stop ticking; kill every process and agent server the harness started (pods stay)."""
-        thread, self._thread = self._thread, None
-        self._stop.set()
-        if thread is not None:
-            thread.join(timeout=30)
+        self._stop_thread()
         with self._lock:
             processes = list(self._reaping)
             self._reaping = []
@@ -622,87 +602,6 @@ class ServingKubelet:
                 self._error(f"a RunContainers process did not end: {proc.command}")
         self._prober.shutdown(wait=True, cancel_futures=True)
 
-    def __enter__(self) -> ServingKubelet:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    @property
-    def running(self) -> bool:
-        """Whether the background thread is ticking."""
-        return self._thread is not None and self._thread.is_alive()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            if self.paused:
-                continue
-            try:
-                self.tick()
-            except Exception as exc:  # the thread must survive anything
-                log.exception("serving kubelet step failed")
-                self._error(f"step failed: {exc!r}")
-
-    def pause(self) -> None:
-        """Freeze: no background steps, and the harness clock stands still."""
-        with self._lock:
-            if self._paused_at is None:
-                self._paused_at = self._clock()
-                self._note("paused")
-
-    def resume(self) -> None:
-        """Undo :meth:`pause` (time spent paused counts towards no delay)."""
-        with self._lock:
-            if self._paused_at is not None:
-                self._paused_total += self._clock() - self._paused_at
-                self._paused_at = None
-                self._note("resumed")
-
-    @property
-    def paused(self) -> bool:
-        """Whether the harness is paused."""
-        return self._paused_at is not None
-
-    def now(self) -> float:
-        """The harness clock: ``clock()`` minus the time spent paused."""
-        base = self._paused_at if self._paused_at is not None else self._clock()
-        return base - self._paused_total
-
-    def wait_for(
-        self,
-        predicate: Callable[[], T | None],
-        timeout: float = 10.0,
-        *,
-        interval: float = 0.02,
-        message: str = "",
-    ) -> T:
-        """Poll ``predicate`` until it returns something truthy, and return that.
-
-        Without the background thread, each poll first runs one :meth:`tick`.
-
-        Raises:
-            TimeoutError: after ``timeout`` seconds, with the harness's latest actions.
-        """
-        deadline = time.monotonic() + timeout
-        while True:
-            if not self.running:
-                self.tick()
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() >= deadline:
-                recent = "\n  ".join(self.history[-20:])
-                raise TimeoutError(
-                    f"{message or 'condition'} not reached within {timeout} s; errors: "
-                    f"{self.errors or 'none'}; latest harness actions:\n  {recent}"
-                )
-            time.sleep(interval)
-
     # ------------------------------------------------------------------------ records
     @property
     def records(self) -> list[PodRecord]:
@@ -717,18 +616,6 @@ class ServingKubelet:
             for r in self.records
             if r.deployment == deployment and (namespace is None or r.namespace == namespace)
         ]
-
-    @property
-    def history(self) -> list[str]:
-        """What the harness did, one line per action (the latest ones)."""
-        with self._lock:
-            return list(self._history)
-
-    @property
-    def errors(self) -> list[str]:
-        """Unexpected failures (API "not found"/"conflict" races are not errors)."""
-        with self._lock:
-            return list(self._errors)
 
     def pods(self, namespace: str, deployment: str | None = None) -> list[Obj]:
         """Pods of the Deployment (all of the harness's pods by default), oldest first."""
@@ -806,34 +693,6 @@ class ServingKubelet:
             if (state.namespace, state.name) == (namespace, pod):
                 return next((c for c in state.containers if c.name == container), None)
         return None
-
-    def _note(self, line: str) -> None:
-        self._history.append(f"{self.now():.2f} {line}")
-        log.debug("%s", line)
-
-    def _error(self, line: str) -> None:
-        with self._lock:
-            if len(self._errors) < MAX_ERRORS:
-                self._errors.append(line)
-            self._note(f"ERROR {line}")
-
-    def _guard(self, what: str, fn: Callable[..., T], *args: Any) -> T | None:
-        try:
-            return fn(*args)
-        except kmock.KubernetesError as exc:
-            if exc.status in (404, 409):  # deleted or changed under us: next step sees it
-                self._note(f"{what}: {exc.status} {exc.reason} (retrying next step)")
-            else:
-                self._error(f"{what}: {exc!r}")
-        except Exception as exc:  # keep stepping; see errors
-            log.exception("serving kubelet: %s failed", what)
-            self._error(f"{what}: {exc!r}")
-        return None
-
-    @staticmethod
-    def _id(obj: Obj) -> str:
-        meta = obj.get("metadata") or {}
-        return f"{meta.get('namespace')}/{meta.get('name')}"
 
     # ------------------------------------------------------------------------ one step
     def tick(self) -> None:
@@ -1645,26 +1504,6 @@ class ServingKubelet:
         return None
 
     # ------------------------------------------------------------------------ status
-    def _cond(
-        self,
-        state: _PodState,
-        kind: str,
-        status: bool,
-        reason: str | None = None,
-        message: str | None = None,
-    ) -> Obj:
-        value = "True" if status else "False"
-        previous = state.transitions.get(kind)
-        if previous is None or previous[0] != value:
-            previous = state.transitions[kind] = (value, rfc3339())
-        cond: Obj = {"type": kind, "status": value, "lastProbeTime": None}
-        cond["lastTransitionTime"] = previous[1]
-        if reason:
-            cond["reason"] = reason
-        if message:
-            cond["message"] = message
-        return cond
-
     def _container_status(self, state: _PodState, c: _Container, pulling: Obj | None) -> Obj:
         image = c.image
         status: Obj = {
@@ -1725,9 +1564,13 @@ class ServingKubelet:
         ready = not unready and not incomplete and not state.terminating
         not_ready_msg = f"containers with unready status: [{' '.join(unready)}]"
         conditions = [
-            self._cond(state, "PodReadyToStartContainers", state.sandbox and not state.terminating),
-            self._cond(
-                state,
+            pod_condition(
+                state.transitions,
+                "PodReadyToStartContainers",
+                state.sandbox and not state.terminating,
+            ),
+            pod_condition(
+                state.transitions,
                 "Initialized",
                 not incomplete,
                 None if not incomplete else "ContainersNotInitialized",
@@ -1735,21 +1578,21 @@ class ServingKubelet:
                 if not incomplete
                 else f"containers with incomplete status: [{' '.join(incomplete)}]",
             ),
-            self._cond(
-                state,
+            pod_condition(
+                state.transitions,
                 "Ready",
                 ready,
                 None if ready else "ContainersNotReady",
                 None if ready else not_ready_msg,
             ),
-            self._cond(
-                state,
+            pod_condition(
+                state.transitions,
                 "ContainersReady",
                 ready,
                 None if ready else "ContainersNotReady",
                 None if ready else not_ready_msg,
             ),
-            self._cond(state, "PodScheduled", True),
+            pod_condition(state.transitions, "PodScheduled", True),
         ]
         status: Obj = {
             "phase": "Running" if state.was_running else "Pending",
