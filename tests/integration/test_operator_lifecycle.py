@@ -40,6 +40,7 @@ from tests.integration.runtime_support import GSM8K_TRAIN
 from tests.integration.test_local_run import finetune_manifest, stage_inputs
 from tests.support.kube_api import KubeApi
 from tests.support.kubelet import Fail, Hang, Kubelet, RunCommand, Succeed
+from tests.support.manifests import small_evaljob
 
 pytestmark = pytest.mark.integration
 
@@ -401,26 +402,7 @@ def test_evaljob_waits_for_its_finetunejob_and_starts_when_it_succeeds(api: Kube
             return Succeed(evaluation)
         return Succeed(result(), after=0.2) if gate.is_set() else Hang()
 
-    evaljob = {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "EvalJob",
-        "metadata": {"name": "waits", "namespace": NS},
-        "spec": {
-            "target": {"fineTuneJobRef": {"name": "trains"}},
-            "suites": [
-                {
-                    "name": "ppl",
-                    "type": "perplexity",
-                    "dataset": {
-                        "uri": "s3://datasets/gsm8k/test.jsonl",
-                        "format": "promptCompletion",
-                        "columns": {"prompt": "question", "completion": "answer"},
-                    },
-                }
-            ],
-            "output": {"uri": "s3://models/x/eval"},
-        },
-    }
+    evaljob = small_evaljob("waits", NS, "trains", output={"uri": "s3://models/x/eval"})
     with operator(api, resync_seconds=600.0), Kubelet(api, behaviour) as kubelet:
         api.create(EVJ, evaljob)
         api.create(FTJ, small_job("trains"))

@@ -53,6 +53,7 @@ from tests.integration.operator_support import (
 from tests.support.helm import Grant, Helm, allows, granted, session_helm
 from tests.support.kube_api import KubeApi, RbacRequest
 from tests.support.kubelet import Fail, Hang, ImagePullBackOff, Kubelet, Succeed
+from tests.support.manifests import small_evaljob
 
 pytestmark = pytest.mark.integration
 
@@ -138,29 +139,6 @@ def finetunejob(name: str, namespace: str, **spec: Any) -> Obj:
     }
 
 
-def evaljob(name: str, namespace: str, finetunejob_name: str) -> Obj:
-    return {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "EvalJob",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {
-            "target": {"fineTuneJobRef": {"name": finetunejob_name}},
-            "suites": [
-                {
-                    "name": "ppl",
-                    "type": "perplexity",
-                    "dataset": {
-                        "uri": "s3://datasets/gsm8k/test.jsonl",
-                        "format": "promptCompletion",
-                        "columns": {"prompt": "question", "completion": "answer"},
-                    },
-                }
-            ],
-            "output": {"uri": f"s3://models/{namespace}/{name}"},
-        },
-    }
-
-
 def behaviour(job: Obj, pod: Obj, attempt: int) -> Any:
     """Each scenario's pods, chosen by the Job's name."""
     name = job["metadata"]["name"]
@@ -239,7 +217,7 @@ def exercise(api: KubeApi, **settings: Any) -> None:
                 ttlSecondsAfterFinished=1,
             ),
         )
-        api.create(EVJ, evaljob("eval", b, "done"))  # waits for "done", then runs
+        api.create(EVJ, small_evaljob("eval", b, "done"))  # waits for "done", then runs
         api.create(FTJ, finetunejob("chatty", a))  # progress report, then suspended
         api.create(FTJ, finetunejob("pull", a))  # ImagePullFailed: Job and ConfigMap deleted
         api.create(FTJ, finetunejob("vanish", a))  # its Job deleted by hand: JobMissing

@@ -28,7 +28,7 @@ from tests.integration.operator_support import (
 )
 from tests.support.kube_api import KubeApi
 from tests.support.kubelet import Behaviour, Kubelet, Succeed
-from tests.support.manifests import small_finetunejob
+from tests.support.manifests import small_evaljob, small_finetunejob
 from tests.support.serving_kubelet import FakeAgent, ServingKubelet
 
 pytestmark = pytest.mark.integration
@@ -190,29 +190,7 @@ def test_promotion_gates_what_the_agents_load(api: KubeApi, op: OperatorThread) 
 
     with Kubelet(api, behaviour, namespace=NS) as kubelet:
         api.create(FTJ, small_finetunejob("train-math", NS))
-        api.create(
-            EVJ,
-            {
-                "apiVersion": "kubetune.io/v1alpha1",
-                "kind": "EvalJob",
-                "metadata": {"name": "eval-math", "namespace": NS},
-                "spec": {
-                    "target": {"fineTuneJobRef": {"name": "train-math"}},
-                    "suites": [
-                        {
-                            "name": "ppl",
-                            "type": "perplexity",
-                            "dataset": {
-                                "uri": "s3://datasets/gsm8k/test.jsonl",
-                                "format": "promptCompletion",
-                                "columns": {"prompt": "question", "completion": "answer"},
-                            },
-                        }
-                    ],
-                    "output": {"uri": f"s3://models/{NS}/eval-math"},
-                },
-            },
-        )
+        api.create(EVJ, small_evaljob("eval-math", NS, "train-math"))
 
         def math_phase() -> tuple[str, str] | None:
             status = (api.get(ADS, NS, "chat") or {}).get("status") or {}

@@ -28,3 +28,28 @@ def small_finetunejob(name: str, namespace: str, **spec: Any) -> dict[str, Any]:
             **spec,
         },
     }
+
+
+def small_evaljob(name: str, namespace: str, finetunejob: str, **spec: Any) -> dict[str, Any]:
+    """A small valid EvalJob: held-out perplexity of ``finetunejob``'s adapter on GSM8K."""
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "EvalJob",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "target": {"fineTuneJobRef": {"name": finetunejob}},
+            "suites": [
+                {
+                    "name": "ppl",
+                    "type": "perplexity",
+                    "dataset": {
+                        "uri": "s3://datasets/gsm8k/test.jsonl",
+                        "format": "promptCompletion",
+                        "columns": {"prompt": "question", "completion": "answer"},
+                    },
+                }
+            ],
+            "output": {"uri": f"s3://models/{namespace}/{name}"},
+            **spec,
+        },
+    }

@@ -16,7 +16,7 @@ import contextlib
 import copy
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -318,44 +318,54 @@ class Controller:
 
     async def reconcile(self, body: dict[str, Any], caches: Caches, trigger: str) -> None:
         """The reconcile of one resource (idempotent; writes only on change)."""
-        kind = body["kind"]
         meta = body["metadata"]
         if meta.get("deletionTimestamp"):
             return
-        if kind == "AdapterDeployment":
+        if body["kind"] == "AdapterDeployment":
             assert self.serving is not None  # noqa: S101 - set in __post_init__
             await self.serving.reconcile(body, caches, trigger)
             return
+        await self.serialized(
+            body["kind"], meta["uid"], trigger, lambda: self._reconcile_run(body, caches)
+        )
+
+    async def serialized(
+        self, kind: str, uid: str, trigger: str, work: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Run one reconcile of a resource under its lock, with the reconcile metrics.
+
+        Queue time (waiting for the lock), duration, and one count per outcome (ok/error)
+        labelled with the kind and the trigger.
+        """
         queued = time.monotonic()
-        async with self.lock(meta["uid"]):
+        async with self.lock(uid):
             started = time.monotonic()
             self.metrics.queue.labels(kind).observe(started - queued)
             try:
-                desire = self._desire(body, caches)
-                plan = self._plan(body, desire, caches, confirmed=None, missing=False)
-                if plan.confirm_missing:
-                    found = await self.call(
-                        self.api().get_job, meta["namespace"], plan.confirm_missing
-                    )
-                    confirmed = job_view(found) if found else None
-                    plan = self._plan(
-                        body, desire, caches, confirmed=confirmed, missing=found is None
-                    )
-                if plan.confirm_pods:
-                    listed = await self.call(
-                        self.api().list_pods, meta["namespace"], plan.confirm_pods
-                    )
-                    views = tuple(pod_view(p) for p in listed)
-                    plan = self._plan(
-                        body, desire, caches, confirmed=None, missing=False, listed_pods=views
-                    )
-                await self._execute(body, desire, plan)
+                await work()
             except Exception:
                 self.metrics.reconciles.labels(kind, trigger, "error").inc()
                 raise
             finally:
                 self.metrics.duration.labels(kind).observe(time.monotonic() - started)
             self.metrics.reconciles.labels(kind, trigger, "ok").inc()
+
+    async def _reconcile_run(self, body: dict[str, Any], caches: Caches) -> None:
+        """Plan a FineTuneJob's or EvalJob's run (confirming what the caches cannot show)."""
+        meta = body["metadata"]
+        desire = self._desire(body, caches)
+        plan = self._plan(body, desire, caches, confirmed=None, missing=False)
+        if plan.confirm_missing:
+            found = await self.call(self.api().get_job, meta["namespace"], plan.confirm_missing)
+            confirmed = job_view(found) if found else None
+            plan = self._plan(body, desire, caches, confirmed=confirmed, missing=found is None)
+        if plan.confirm_pods:
+            listed = await self.call(self.api().list_pods, meta["namespace"], plan.confirm_pods)
+            views = tuple(pod_view(p) for p in listed)
+            plan = self._plan(
+                body, desire, caches, confirmed=None, missing=False, listed_pods=views
+            )
+        await self._execute(body, desire, plan)
 
     async def _execute(self, body: dict[str, Any], desire: Desire, plan: Plan) -> None:
         if plan.empty:

@@ -153,18 +153,11 @@ def resolve_adapters(
                 # A rerun (new runId) clears the job's artifact while it trains: what was
                 # served keeps serving meanwhile.
                 kept = _kept(old.get(name), require_eval, promoted)
-                if kept is not None:
-                    out.append(
-                        replace(
-                            kept,
-                            name=name,
-                            pinned=pinned,
-                            message=f"serving {_short(str(kept.digest))} meanwhile; {blocked}",
-                            rank=rank,
-                        )
-                    )
-                else:
-                    out.append(Resolved(name, pinned, blocked=True, message=blocked, rank=rank))
+                out.append(
+                    _meanwhile(kept, name, pinned, blocked, rank)
+                    if kept is not None
+                    else Resolved(name, pinned, blocked=True, message=blocked, rank=rank)
+                )
                 continue
             assert ftj is not None  # noqa: S101 - _ftj_block returned None
             artifact = (ftj.get("status") or {}).get("artifact") or {}
@@ -182,20 +175,11 @@ def resolve_adapters(
                 f"{_eval_note(digest, evaljobs)}"
             )
             kept = _kept(old.get(name), require_eval, promoted)
-            if kept is not None:
-                out.append(
-                    replace(
-                        kept,
-                        name=name,
-                        pinned=pinned,
-                        message=f"serving {_short(str(kept.digest))} meanwhile; {waiting}",
-                        rank=rank,
-                    )
-                )
-            else:
-                out.append(
-                    Resolved(name, pinned, uri, digest, blocked=True, message=waiting, rank=rank)
-                )
+            out.append(
+                _meanwhile(kept, name, pinned, waiting, rank)
+                if kept is not None
+                else Resolved(name, pinned, uri, digest, blocked=True, message=waiting, rank=rank)
+            )
             continue
         out.append(Resolved(name, pinned, uri, digest, rank=rank))
     return out
@@ -216,6 +200,17 @@ def _kept(
     if not uri or not digest or (require_eval and digest not in promoted):
         return None
     return Resolved(str(before.get("name")), True, uri=str(uri), digest=str(digest))
+
+
+def _meanwhile(kept: Resolved, name: str, pinned: bool, why: str, rank: int | None) -> Resolved:
+    """The served digest kept for ``name``, saying why its successor is not served yet."""
+    return replace(
+        kept,
+        name=name,
+        pinned=pinned,
+        message=f"serving {_short(str(kept.digest))} meanwhile; {why}",
+        rank=rank,
+    )
 
 
 def _ftj_block(namespace: str, ref: str, ftj: Mapping[str, Any] | None) -> str | None:

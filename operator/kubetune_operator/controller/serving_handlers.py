@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
@@ -176,23 +175,13 @@ class ServingReconciler:
             self.session = None
 
     async def reconcile(self, body: dict[str, Any], caches: Caches, trigger: str) -> None:
-        """One idempotent reconcile of an AdapterDeployment."""
-        ctl = self.controller
+        """One idempotent reconcile of an AdapterDeployment (serialized per resource)."""
         meta = body["metadata"]
         if meta.get("deletionTimestamp"):
             return
-        queued = time.monotonic()
-        async with ctl.lock(meta["uid"]):
-            started = time.monotonic()
-            ctl.metrics.queue.labels(KIND).observe(started - queued)
-            try:
-                await self._reconcile(body, caches)
-            except Exception:
-                ctl.metrics.reconciles.labels(KIND, trigger, "error").inc()
-                raise
-            finally:
-                ctl.metrics.duration.labels(KIND).observe(time.monotonic() - started)
-            ctl.metrics.reconciles.labels(KIND, trigger, "ok").inc()
+        await self.controller.serialized(
+            KIND, meta["uid"], trigger, lambda: self._reconcile(body, caches)
+        )
 
     async def _reconcile(self, body: dict[str, Any], caches: Caches) -> None:
         ctl = self.controller
